@@ -1,0 +1,61 @@
+"""`harness` command line. Only this module reads argv; every subcommand lives in its own module, which adds its
+parser with `add_parser(subparsers)` and sets `func`. A `HarnessError` becomes one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from harness.errors import HarnessError
+
+COMMAND_MODULES = (
+    "harness.commands.listing",
+    "harness.commands.run",
+    "harness.commands.inspect",
+    "harness.commands.bench",
+    "harness.commands.ui",
+    "studies.report_cli",
+    "studies.tune_cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="harness", description="Long-tailed recognition benchmark and ablations.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as error:
+            if error.name != name:
+                raise
+            continue
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DO_NOT_TRACK", "true")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except HarnessError as error:
+        if args.verbose:
+            raise
+        print(f"harness: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("harness: interrupted; finished epochs are checkpointed, rerun with --resume to continue",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Evaluator: top-1/top-5, many/medium/few, per-class accuracy, ECE (15 bins), NLL, and expert diagnostics.
+
+The final-epoch figures are the reported ones; nothing here selects a checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from datasets._api import Split, shot_groups
+from methods._api import LTModel
+
+ECE_BINS = 15  # as MiSLAS reports
+
+
+@dataclass
+class Predictions:
+    logits: torch.Tensor  # (N, C) float32, what inference uses
+    expert_logits: torch.Tensor  # (M, N, C) float32
+    labels: torch.Tensor  # (N,)
+
+
+def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 (N,3,H,W) -> float normalised, the test transform (ToTensor + Normalize)."""
+    m = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
+    return (images.float() / 255.0 - m) / s
+
+
+@torch.no_grad()
+def predict(model: LTModel, split: Split, mean, std, device: torch.device, batch_size: int = 500,
+            autocast: bool = False) -> Predictions:
+    """Forward the whole split in eval mode (BN running statistics), restoring the model's mode afterwards."""
+    was_training = model.training
+    model.eval()
+    logits, experts = [], []
+    try:
+        for start in range(0, len(split), batch_size):
+            x = normalize(split.images[start:start + batch_size].to(device), mean, std)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                out = model(x)
+            logits.append(out.logits.float())
+            experts.append(out.expert_logits.float())
+    finally:
+        model.train(was_training)
+    return Predictions(torch.cat(logits).cpu(), torch.cat(experts, dim=1).cpu(), split.labels.clone())
+
+
+def per_class_accuracy(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> np.ndarray:
+    correct = torch.zeros(num_classes).index_add_(0, labels, (pred == labels).float())
+    total = torch.zeros(num_classes).index_add_(0, labels, torch.ones_like(labels, dtype=torch.float))
+    return (correct / total.clamp(min=1)).numpy()
+
+
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> float:
+    """ECE with equal-width confidence bins: sum_b |B_b|/N * |acc(B_b) - conf(B_b)|."""
+    confidence, pred = probs.max(dim=1)
+    correct = (pred == labels).float()
+    edges = torch.linspace(0, 1, bins + 1)
+    ece = torch.zeros(())
+    for low, high in zip(edges[:-1], edges[1:]):
+        in_bin = (confidence > low) & (confidence <= high)
+        if in_bin.any():
+            ece += in_bin.float().mean() * (correct[in_bin].mean() - confidence[in_bin].mean()).abs()
+    return float(ece)
+
+
+def hardest_negative_probability(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The largest non-target probability per sample (SHIKE Fig. 4)."""
+    masked = probs.clone()
+    masked[torch.arange(len(labels)), labels] = -1.0
+    return masked.max(dim=1).values
+
+
+def summarize(preds: Predictions, class_counts: tuple[int, ...] | list[int]) -> tuple[dict[str, float], dict]:
+    """Scalar metrics (percent for accuracies) and per-class / per-expert details for artifacts and figures."""
+    num_classes = len(class_counts)
+    labels = preds.labels
+    probs = F.softmax(preds.logits, dim=1)
+    pred = preds.logits.argmax(dim=1)
+    top5 = preds.logits.topk(min(5, num_classes), dim=1).indices
+    per_class = per_class_accuracy(pred, labels, num_classes)
+    metrics = {
+        "top1": 100.0 * float((pred == labels).float().mean()),
+        "top5": 100.0 * float((top5 == labels[:, None]).any(dim=1).float().mean()),
+        "balanced_acc": 100.0 * float(per_class.mean()),
+        "ece": 100.0 * expected_calibration_error(probs, labels),
+        "nll": float(F.cross_entropy(preds.logits, labels)),
+    }
+    for group, classes in shot_groups(class_counts).items():
+        metrics[group] = 100.0 * float(per_class[classes].mean()) if classes else float("nan")
+    expert_acc = np.stack([per_class_accuracy(e.argmax(dim=1), labels, num_classes) for e in preds.expert_logits])
+    for m, acc in enumerate(expert_acc):
+        metrics[f"expert{m}_top1"] = 100.0 * float(acc.mean())
+    details = {
+        "per_class_acc": per_class,
+        "expert_per_class_acc": expert_acc,
+        "hardest_negative_prob": hardest_negative_probability(probs, labels).numpy().astype(np.float32),
+        "class_counts": np.asarray(class_counts),
+    }
+    return metrics, details

@@ -1,0 +1,151 @@
+"""The stage loop. It knows stages, loss terms and parameter groups; it never knows a method's name.
+
+Per stage: choose the head set, freeze everything outside `stage.trainable`, build a fresh SGD and the stage's LR
+schedule, then for each epoch sum the weighted loss terms and log each term by name (`loss/<name>`, unweighted).
+Loss sums stay on the device during the epoch and are read once at its end (no per-step host syncs).
+A checkpoint is written atomically after every epoch; `resume` continues from it to the same result.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from harness.checkpoint import load_checkpoint, save_checkpoint
+from harness.config import RunConfig
+from harness.errors import HarnessError
+from harness.schedules import stage_lr
+from harness.seeding import derive_seed
+from methods._api import MethodSpec, Stage
+
+EpochHook = Callable[[int, dict[str, float]], None]  # (global epoch, metrics) -> None
+
+
+@dataclass
+class StageRun:
+    index: int
+    stage: Stage
+    epochs: int
+    first_global_epoch: int
+
+
+def stage_epochs(stage: Stage, cfg: RunConfig) -> int:
+    budgets = {"representation": cfg.train.epochs, "classifier": cfg.train.crt_epochs,
+               "all": cfg.train.epochs + cfg.train.crt_epochs}
+    if stage.budget not in budgets:
+        raise HarnessError(f"stage '{stage.name}' has unknown budget '{stage.budget}'")
+    return budgets[stage.budget]
+
+
+def plan(spec: MethodSpec, cfg: RunConfig) -> list[StageRun]:
+    runs, first = [], 0
+    for index, stage in enumerate(spec.stages):
+        epochs = stage_epochs(stage, cfg)
+        runs.append(StageRun(index, stage, epochs, first))
+        first += epochs
+    return runs
+
+
+def enter_stage(spec: MethodSpec, stage: Stage, cfg: RunConfig) -> torch.optim.Optimizer:
+    """Select the head, set requires_grad by parameter group, and build the stage's optimizer."""
+    model = spec.model
+    model.use_head(stage.head)
+    groups = model.parameter_groups()
+    unknown = set(stage.trainable) - set(groups)
+    if unknown:
+        raise HarnessError(f"stage '{stage.name}' trains unknown parameter groups {sorted(unknown)}")
+    for name, params in groups.items():
+        for p in params:
+            p.requires_grad_(name in stage.trainable)
+    trainable = [p for name in stage.trainable for p in groups[name]]
+    o = cfg.optim
+    return torch.optim.SGD(trainable, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+
+
+def set_train_mode(model: nn.Module, freeze_bn: bool) -> None:
+    model.train()
+    if freeze_bn:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+
+
+class Trainer:
+    """Runs a method's stages on a feeder. `on_epoch` receives per-epoch metrics (for tracking and evaluation)."""
+
+    def __init__(self, spec: MethodSpec, cfg: RunConfig, feeder: Any, device: torch.device,
+                 checkpoint_path: Path | None = None, on_epoch: EpochHook | None = None,
+                 progress: Any = None) -> None:
+        self.spec, self.cfg, self.feeder, self.device = spec, cfg, feeder, device
+        self.checkpoint_path, self.on_epoch, self.progress = checkpoint_path, on_epoch, progress
+        self.losses = nn.ModuleList([term.fn for stage in spec.stages for term in stage.losses]).to(device)
+        self.spec.model.to(device)
+        self.autocast = cfg.train.amp and device.type == "cuda"
+        self.stages = plan(spec, cfg)
+        self.total_epochs = sum(s.epochs for s in self.stages)
+
+    def step(self, stage: Stage, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
+             sums: torch.Tensor) -> None:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            out = self.spec.model(images)
+        out.logits, out.expert_logits = out.logits.float(), out.expert_logits.float()
+        values = [term.fn(out, labels) for term in stage.losses]
+        total = sum(term.weight * value for term, value in zip(stage.losses, values))
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        sums += torch.stack([*[v.detach() for v in values], total.detach()]) * len(labels)
+
+    def run_epoch(self, run: StageRun, optimizer: torch.optim.Optimizer, epoch: int) -> dict[str, float]:
+        lr = stage_lr(self.cfg.optim, run.index, epoch, run.epochs)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        set_train_mode(self.spec.model, run.stage.freeze_bn)
+        sums = torch.zeros(len(run.stage.losses) + 1, device=self.device)
+        seen = 0
+        for images, labels in self.feeder.epoch(derive_seed(self.cfg.train.seed, run.index, epoch)):
+            self.step(run.stage, optimizer, images, labels, sums)
+            seen += len(labels)
+            if self.progress is not None:
+                self.progress.advance_batch()
+        means = (sums / max(seen, 1)).tolist()  # the one host sync of the epoch
+        names = [f"loss/{t.name}" for t in run.stage.losses] + ["loss/total"]
+        metrics = dict(zip(names, means))
+        if not all(math.isfinite(v) for v in means):
+            raise FloatingPointError(f"non-finite loss in stage '{run.stage.name}' epoch {epoch}: {metrics}")
+        metrics["lr"] = lr
+        return metrics
+
+    def fit(self, resume: bool = False) -> None:
+        start_stage, start_epoch, optimizer_state = 0, 0, None
+        if resume and self.checkpoint_path is not None:
+            state = load_checkpoint(self.checkpoint_path)
+            if state is not None:
+                self.spec.model.load_state_dict(state["model"])
+                start_stage, start_epoch, optimizer_state = state["stage"], state["epoch"], state["optimizer"]
+        for run in self.stages[start_stage:]:
+            optimizer = enter_stage(self.spec, run.stage, self.cfg)
+            first = start_epoch if run.index == start_stage else 0
+            if optimizer_state is not None and run.index == start_stage:
+                optimizer.load_state_dict(optimizer_state)
+            if self.progress is not None:
+                self.progress.start_stage(run.stage.name, run.epochs, first, len(self.feeder))
+            for epoch in range(first, run.epochs):
+                metrics = self.run_epoch(run, optimizer, epoch)
+                if self.on_epoch is not None:
+                    self.on_epoch(run.first_global_epoch + epoch, metrics)
+                self.save(run.index, epoch + 1, optimizer)
+                if self.progress is not None:
+                    self.progress.end_epoch(metrics)
+
+    def save(self, stage_index: int, next_epoch: int, optimizer: torch.optim.Optimizer) -> None:
+        if self.checkpoint_path is None:
+            return
+        save_checkpoint(self.checkpoint_path, {"model": self.spec.model.state_dict(), "stage": stage_index,
+                                               "epoch": next_epoch, "optimizer": optimizer.state_dict()})

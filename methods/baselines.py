@@ -1,0 +1,50 @@
+"""Single-model baselines on the same ResNet-32: CE, plain decoupled (Table 4 row 1), balanced softmax, logit
+adjustment. They share the SHIKE model builder with one expert and no DKF, so heads and shortcuts match."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from methods import METHODS
+from methods._api import LossTerm, LossTermModule, MethodSpec, Stage
+from methods.losses import BalancedSoftmaxCE, ExpertCE, LogitAdjustedCE
+from methods.models.moe import build_expert_resnet
+from methods.shike import classifier_retraining
+
+
+def _one_stage(num_classes: int, term: LossTermModule, name: str, head: str, scale: float, shortcut: str):
+    model = build_expert_resnet(num_classes=num_classes, experts=1, dkf=False, shortcut=shortcut, head=head,
+                                scale=scale, retrain_head=False)
+    return MethodSpec(model, (Stage("end-to-end", (LossTerm(name, 1.0, term),), budget="all"),))
+
+
+@METHODS.register("ce")
+def ce(*, num_classes: int, class_counts: Sequence[int], head: str = "linear", scale: float = 30.0,
+       shortcut: str = "B") -> MethodSpec:
+    """Plain ResNet-32 with instance-balanced cross-entropy, one stage of epochs + crt_epochs."""
+    return _one_stage(num_classes, ExpertCE(), "ce", head, scale, shortcut)
+
+
+@METHODS.register("bsce")
+def bsce(*, num_classes: int, class_counts: Sequence[int], head: str = "linear", scale: float = 30.0,
+         shortcut: str = "B") -> MethodSpec:
+    """Balanced softmax (Ren et al., NeurIPS 2020; SHIKE Eq. 11) end to end, one stage."""
+    return _one_stage(num_classes, BalancedSoftmaxCE(class_counts), "bsce", head, scale, shortcut)
+
+
+@METHODS.register("la")
+def la(*, num_classes: int, class_counts: Sequence[int], tau: float = 1.0, head: str = "linear", scale: float = 30.0,
+       shortcut: str = "B") -> MethodSpec:
+    """Logit-adjusted loss (Menon et al., ICLR 2021), one stage; tau = 1 by default."""
+    return _one_stage(num_classes, LogitAdjustedCE(class_counts, tau=tau), "la", head, scale, shortcut)
+
+
+@METHODS.register("plain")
+def plain(*, num_classes: int, class_counts: Sequence[int], head: str = "linear", scale: float = 30.0,
+          shortcut: str = "B", freeze_bn_stage2: bool = False) -> MethodSpec:
+    """SHIKE Table 4 row 1: a plain ResNet-32 trained with CE, then a fresh classifier re-trained with balanced
+    softmax on the frozen backbone (decoupled training, as every row of the table)."""
+    model = build_expert_resnet(num_classes=num_classes, experts=1, dkf=False, shortcut=shortcut, head=head,
+                                scale=scale)
+    representation = Stage("representation", (LossTerm("ce", 1.0, ExpertCE()),), budget="representation")
+    return MethodSpec(model, (representation, classifier_retraining(class_counts, freeze_bn_stage2)))

@@ -1,0 +1,180 @@
+"""SHIKE's multi-expert CIFAR ResNet-32 with Depth-wise Knowledge Fusion (official `networks.py:86-124`, `:138-216`).
+
+Shared stem + layer1 + layer2; each expert m owns a copy of layer3 and a head. With DKF (paper Eq. 3), expert m
+multiplies its 64x8x8 layer3 output element-wise with a shallow feature map aligned to 64x8x8 by strided convs.
+experts=1, dkf=False is a plain ResNet-32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from methods._api import LTModel, ModelOutput
+from methods.models.heads import make_head
+from methods.models.resnet_cifar import Stem, init_weights, make_stage
+
+STAGE_WIDTHS = (16, 32, 64)
+ALIGN_RELU_MODES = ("code", "all")
+
+
+class StridedConv(nn.Sequential):
+    """3x3 conv (stride 2, pad 1, no bias), BN, then an optional ReLU (official `StridedConv`, `networks.py:86-108`)."""
+
+    def __init__(self, in_planes: int, planes: int, use_relu: bool) -> None:
+        layers: list[nn.Module] = [
+            nn.Conv2d(in_planes, planes, kernel_size=3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(planes),
+        ]
+        if use_relu:
+            layers.append(nn.ReLU())
+        super().__init__(*layers)
+        self.use_relu = use_relu
+
+
+class ShallowAligner(nn.Sequential):
+    """Aligns the output of shared stage `source` (1 or 2) to 64x8x8 (official `ShallowExpert`, `networks.py:111-124`).
+
+    Stacks 3 - source StridedConvs, conv k mapping w*2^k -> w*2^(k+1) channels, w = the source's width.
+    align_relu "code": conv k has a ReLU iff k != 1 (`:119`), so the depth-2 stack (from layer1) ends signed and the
+    depth-1 stack (from layer2) ends non-negative (reference section 5 item 8); "all": a ReLU after every conv.
+    """
+
+    def __init__(self, source: int, align_relu: str = "code") -> None:
+        if source not in (1, 2):
+            raise ValueError(f"DKF source must be 1 (layer1) or 2 (layer2), got {source}")
+        if align_relu not in ALIGN_RELU_MODES:
+            raise ValueError(f"unknown align_relu '{align_relu}'; known: {ALIGN_RELU_MODES}")
+        width, depth = STAGE_WIDTHS[source - 1], len(STAGE_WIDTHS) - source
+        convs = [
+            StridedConv(width * 2**k, width * 2 ** (k + 1), use_relu=(k != 1) if align_relu == "code" else True)
+            for k in range(depth)
+        ]
+        super().__init__(*convs)
+        self.source = source
+
+
+def default_dkf_sources(experts: int) -> tuple[int, ...]:
+    """Official assignment `[out1, out2][i % 2]` (`networks.py:199-203`): (1, 2, 1) for 3 experts, (1, 2, 1, 2) for 4."""
+    return tuple((1, 2)[i % 2] for i in range(experts))
+
+
+class ExpertResNet(LTModel):
+    """Multi-expert CIFAR ResNet-32 with optional DKF; see `build_expert_resnet` for the switches.
+
+    forward(x) -> ModelOutput(logits = mean of expert logits, expert_logits (M, B, C), features (M, B, 64)), where
+    features are the pooled (fused, if DKF) maps that feed each head. `active_head` picks "head" or "retrain_head".
+    """
+
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        experts: int,
+        dkf: bool,
+        shortcut: str,
+        head: str,
+        scale: float,
+        dkf_sources: tuple[int, ...],
+        align_relu: str,
+        retrain_head: bool,
+        in_channels: int,
+    ) -> None:
+        super().__init__()
+        if experts < 1:
+            raise ValueError(f"experts must be >= 1, got {experts}")
+        self.num_experts = experts
+        self.num_classes = num_classes
+        self.feature_dim = STAGE_WIDTHS[2]
+        self.dkf = dkf
+        self.dkf_sources = tuple(dkf_sources) if dkf else ()
+        self.active_head = "head"
+        # Construction order follows the official __init__ (stem, layer1, layer2, layer3s, classifiers,
+        # rt_classifiers, then _weights_init, then the aligners), so a seeded run draws the same initial weights.
+        self.stem = Stem(in_channels, STAGE_WIDTHS[0])
+        self.layer1 = make_stage(STAGE_WIDTHS[0], STAGE_WIDTHS[0], 5, stride=1, option=shortcut)
+        self.layer2 = make_stage(STAGE_WIDTHS[0], STAGE_WIDTHS[1], 5, stride=2, option=shortcut)
+        self.layer3s = nn.ModuleList(
+            make_stage(STAGE_WIDTHS[1], STAGE_WIDTHS[2], 5, stride=2, option=shortcut) for _ in range(experts)
+        )
+        self.heads = nn.ModuleList(make_head(head, self.feature_dim, num_classes, scale) for _ in range(experts))
+        self.retrain_heads: nn.ModuleList | None = None
+        if retrain_head:
+            self.retrain_heads = nn.ModuleList(
+                make_head(head, self.feature_dim, num_classes, scale) for _ in range(experts)
+            )
+        self.apply(init_weights)  # networks.py:172; cosine heads keep their own init (not nn.Linear)
+        # Built after the init, so the aligner convs keep PyTorch's default init (networks.py:178-179).
+        self.aligners = nn.ModuleList(ShallowAligner(s, align_relu) for s in self.dkf_sources)
+
+    def backbone_modules(self) -> list[nn.Module]:
+        """Everything but the heads: stem, shared stages, expert stages and DKF aligners."""
+        return [self.stem, self.layer1, self.layer2, self.layer3s, self.aligners]
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        groups = {
+            "backbone": [p for m in self.backbone_modules() for p in m.parameters()],
+            "head": list(self.heads.parameters()),
+        }
+        if self.retrain_heads is not None:
+            groups["retrain_head"] = list(self.retrain_heads.parameters())
+        return groups
+
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        out1 = self.layer1(self.stem(x))
+        out2 = self.layer2(out1)
+        shallow = (out1, out2)
+        heads = self.retrain_heads if self.active_head == "retrain_head" else self.heads
+        assert heads is not None
+        features, logits = [], []
+        for m, (layer3, head) in enumerate(zip(self.layer3s, heads, strict=True)):
+            fused = layer3(out2)
+            if self.dkf:  # paper Eq. 3: Hadamard product with the aligned shallow map (networks.py:205-206)
+                fused = fused * self.aligners[m](shallow[self.dkf_sources[m] - 1])
+            pooled = fused.mean(dim=(2, 3))  # global average pool over 8x8 (networks.py:207-208)
+            features.append(pooled)
+            logits.append(head(pooled))
+        expert_logits = torch.stack(logits)
+        return ModelOutput(
+            logits=expert_logits.mean(dim=0), expert_logits=expert_logits, features=torch.stack(features)
+        )
+
+
+def build_expert_resnet(
+    *,
+    num_classes: int,
+    experts: int = 3,
+    dkf: bool = True,
+    shortcut: str = "B",
+    head: str = "cosine",
+    scale: float = 30.0,
+    dkf_sources: tuple[int, ...] | None = None,
+    align_relu: str = "code",
+    retrain_head: bool = True,
+    in_channels: int = 3,
+) -> ExpertResNet:
+    """Build SHIKE's CIFAR model; the defaults are the official code (`networks.py`, `resnet32(use_norm=True, num_exps=3)`).
+
+    experts: number of layer3 copies (M). dkf: fuse shallow features (paper Eq. 3); False gives a plain MoE.
+    shortcut: "B" (official, 1x1 projection) or "A" (zero padding). head: "cosine" (official, logits scaled by
+    `scale`) or "linear" (paper wording). dkf_sources: per expert 1 (layer1) or 2 (layer2); None cycles (1, 2)
+    as the official code does; ignored when dkf is False. align_relu: "code" or "all" (see `ShallowAligner`).
+    retrain_head: also build the separate, fresh heads used after classifier re-training (official `rt_classifiers`).
+    """
+    sources = default_dkf_sources(experts) if dkf_sources is None else tuple(int(s) for s in dkf_sources)
+    if dkf and len(sources) != experts:
+        raise ValueError(f"dkf_sources has {len(sources)} entries for {experts} experts")
+    if dkf and any(s not in (1, 2) for s in sources):
+        raise ValueError(f"dkf_sources values must be 1 or 2, got {sources}")
+    return ExpertResNet(
+        num_classes=num_classes,
+        experts=experts,
+        dkf=dkf,
+        shortcut=shortcut,
+        head=head,
+        scale=scale,
+        dkf_sources=sources,
+        align_relu=align_relu,
+        retrain_head=retrain_head,
+        in_channels=in_channels,
+    )

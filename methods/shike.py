@@ -1,0 +1,63 @@
+"""SHIKE (Jin et al., CVPR 2023): MoE ResNet with Depth-wise Knowledge Fusion, trained with per-expert CE,
+Dynamic Knowledge Transfer (L_nt) and mutual distillation (L_mu), then a balanced-softmax classifier re-training.
+Every component is a switch, so the Table 4 ablation rows are this builder with switches turned off."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from methods import METHODS
+from methods._api import LossTerm, MethodSpec, Stage
+from methods.losses import DKT, BalancedSoftmaxCE, ExpertCE, MutualKL
+from methods.models.moe import build_expert_resnet
+
+
+def parse_sources(text: str) -> tuple[int, ...] | None:
+    """"1,2,1" -> (1, 2, 1): which shallow stage (layer1 / layer2) each expert fuses; "" -> the official cycle."""
+    return tuple(int(part) for part in text.split(",")) if text.strip() else None
+
+
+def classifier_retraining(class_counts: Sequence[int], freeze_bn: bool) -> Stage:
+    """Stage 2 (paper Eq. 11): fresh heads on the frozen model, balanced softmax per expert, summed; no KD.
+    The official code keeps BN in train mode here (running statistics keep updating); freeze_bn turns that off."""
+    bsce = LossTerm("bsce", 1.0, BalancedSoftmaxCE(class_counts))
+    return Stage("classifier", (bsce,), budget="classifier", trainable=("retrain_head",), head="retrain_head",
+                 freeze_bn=freeze_bn)
+
+
+@METHODS.register("shike")
+def shike(
+    *,
+    num_classes: int,
+    class_counts: Sequence[int],
+    experts: int = 3,
+    dkf: bool = True,
+    l_mu: bool = True,
+    l_nt: bool = True,
+    alpha: float = 0.1,
+    beta: float = 0.01,
+    kl_reduction: str = "batchmean",
+    dkt_variant: str = "code",
+    detach: bool = False,
+    head: str = "cosine",
+    scale: float = 30.0,
+    shortcut: str = "B",
+    dkf_sources: str = "",
+    align_relu: str = "code",
+    freeze_bn_stage2: bool = False,
+) -> MethodSpec:
+    """SHIKE. Stage 1 (Eq. 10): sum_m CE(z^m, y) + alpha * L_nt + beta * L_mu; stage 2: Eq. 11.
+
+    alpha weights DKT (L_nt, Eq. 5-9) and beta mutual KL (L_mu, Eq. 4), in the units of `kl_reduction`:
+    batchmean (per sample; official = 0.1 / 0.01 on CIFAR-100) or mean (official literal: 10 / 1, over B*C).
+    A switched-off component is absent from the objective, not multiplied by zero.
+    """
+    model = build_expert_resnet(num_classes=num_classes, experts=experts, dkf=dkf, shortcut=shortcut, head=head,
+                                scale=scale, dkf_sources=parse_sources(dkf_sources), align_relu=align_relu)
+    terms = [LossTerm("ce", 1.0, ExpertCE())]
+    if l_nt and alpha > 0:
+        terms.append(LossTerm("nt", alpha, DKT(variant=dkt_variant, reduction=kl_reduction, detach=detach)))
+    if l_mu and beta > 0 and experts > 1:
+        terms.append(LossTerm("mu", beta, MutualKL(reduction=kl_reduction, detach=detach)))
+    representation = Stage("representation", tuple(terms), budget="representation")
+    return MethodSpec(model, (representation, classifier_retraining(class_counts, freeze_bn_stage2)))
