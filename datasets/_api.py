@@ -38,9 +38,14 @@ def indices_sha256(indices: np.ndarray) -> str:
     return hashlib.sha256(np.asarray(indices, dtype=np.int64).tobytes()).hexdigest()
 
 
+# Where the files were read from does not change the split's content: same data elsewhere, same hash.
+NON_CONTENT_KEYS = frozenset({"source"})
+
+
 def manifest_hash(manifest: dict[str, Any]) -> str:
-    """Short stable hash of a split manifest (canonical JSON)."""
-    blob = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+    """Short stable hash of a split manifest's content (canonical JSON, without where the files lived)."""
+    content = {k: v for k, v in manifest.items() if k not in NON_CONTENT_KEYS}
+    blob = json.dumps(content, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 

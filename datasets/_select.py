@@ -4,6 +4,7 @@ the balanced test subset, and the assembly of an `LTData` with its manifest. Bui
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,7 +36,7 @@ class RawData:
 
 def check_imbalance_factor(imbalance_factor: float) -> float:
     """Validate IF = n_max / n_min (>= 1) and return it as a float, so 100 and 100.0 hash alike."""
-    if not isinstance(imbalance_factor, (int, float)) or not math.isfinite(imbalance_factor) or imbalance_factor < 1:
+    if not isinstance(imbalance_factor, numbers.Real) or not math.isfinite(imbalance_factor) or imbalance_factor < 1:
         raise HarnessError(
             f"imbalance factor must be a finite number >= 1 (n_max / n_min), got {imbalance_factor!r}; "
             "pass e.g. --imbalance-factor 100, not the ratio 0.01 that LDAM-style code calls imb_factor"

@@ -12,7 +12,7 @@ One deliberate difference: every random draw uses torch's global RNG (the offici
 from __future__ import annotations
 
 from collections import Counter
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

@@ -53,7 +53,8 @@ class TrainConfig:
     deterministic: bool = False
     fast_path: str = "auto"  # auto: device-resident batched augmentation on CUDA, reference DataLoader on CPU
     num_workers: int = 0
-    checkpoint: bool = True
+    checkpoint_interval: int = 1  # epochs between atomic checkpoints (and always at the end of a stage)
+    channels_last: bool = True  # NHWC convolutions: ~25% faster steps on this CPU; tensor-core friendly on CUDA
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ from torch.utils.data import DataLoader
 
 from datasets._api import Split
 from datasets.augment import AugmentedDataset, train_transform
-from datasets.batched_augment import BatchedAugment
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -44,6 +43,8 @@ class DeviceFeeder:
     def __init__(self, split: Split, mean, std, augment: str, batch_size: int, device: torch.device) -> None:
         self.images = split.images.to(device)
         self.labels = split.labels.to(device)
+        from datasets.batched_augment import BatchedAugment  # only the fast path needs it
+
         self.augment = BatchedAugment(mean, std, augment=augment)
         self.batch_size, self.device = batch_size, device
         self.generator = torch.Generator(device=device)

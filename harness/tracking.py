@@ -8,6 +8,7 @@ resumed runs need no global "active run" state.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import time
@@ -22,6 +23,9 @@ os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 import mlflow  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
+
+for _name in ("mlflow", "alembic"):  # schema-creation chatter on a new store is not the user's business
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 PARENT_TAG = "mlflow.parentRunId"
 MAX_PARAM_LENGTH = 6000

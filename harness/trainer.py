@@ -85,13 +85,15 @@ class Trainer:
         self.spec, self.cfg, self.feeder, self.device = spec, cfg, feeder, device
         self.checkpoint_path, self.on_epoch, self.progress = checkpoint_path, on_epoch, progress
         self.losses = nn.ModuleList([term.fn for stage in spec.stages for term in stage.losses]).to(device)
-        self.spec.model.to(device)
+        self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        self.spec.model.to(device, memory_format=self.memory_format)
         self.autocast = cfg.train.amp and device.type == "cuda"
         self.stages = plan(spec, cfg)
         self.total_epochs = sum(s.epochs for s in self.stages)
 
     def step(self, stage: Stage, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
              sums: torch.Tensor) -> None:
+        images = images.contiguous(memory_format=self.memory_format)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             out = self.spec.model(images)
         out.logits, out.expert_logits = out.logits.float(), out.expert_logits.float()
@@ -140,7 +142,9 @@ class Trainer:
                 metrics = self.run_epoch(run, optimizer, epoch)
                 if self.on_epoch is not None:
                     self.on_epoch(run.first_global_epoch + epoch, metrics)
-                self.save(run.index, epoch + 1, optimizer)
+                interval = max(self.cfg.train.checkpoint_interval, 1)
+                if (epoch + 1) % interval == 0 or epoch + 1 == run.epochs:
+                    self.save(run.index, epoch + 1, optimizer)
                 if self.progress is not None:
                     self.progress.end_epoch(metrics)
 

@@ -2,15 +2,38 @@
 
 from __future__ import annotations
 
+import pickle
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 import torchvision.datasets
-from conftest import indices_of, read_raw, row_index
 
 from datasets import get_dataset, long_tail_counts
 from datasets._api import indices_sha256
 from harness.errors import HarnessError
+
+
+def read_raw(folder: Path, names: list[str], label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """The images (N, 3, 32, 32) and labels of some pickles, read independently of the code under test."""
+    data, labels = [], []
+    for name in names:
+        with open(folder / name, "rb") as f:
+            batch = pickle.load(f, encoding="latin1")
+        data.append(batch["data"])
+        labels += batch[label_key]
+    return np.concatenate(data).reshape(-1, 3, 32, 32), np.asarray(labels)
+
+
+def row_index(raw_images: np.ndarray) -> dict[bytes, int]:
+    """Map each raw image's bytes to its index in the file (random images are unique), to recover chosen indices."""
+    return {img.tobytes(): i for i, img in enumerate(raw_images)}
+
+
+def indices_of(images, lookup: dict[bytes, int]) -> np.ndarray:
+    """Indices into the raw file of the images of a built split."""
+    return np.array([lookup[img.tobytes()] for img in images.numpy()])
 
 
 @pytest.fixture(scope="module")

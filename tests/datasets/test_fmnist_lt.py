@@ -44,7 +44,7 @@ def test_fmnistlt_if100_counts_shapes_and_padding():
     raw = read_idx(DEBIAN_DIR / f"{IDX_FILES[0]}.gz")
     # first-n: the first class-0 image of the file is index 1 (labels start 9 0 0 ...).
     first = lt.train.images[0]
-    assert torch.equal(first[:, 2:30, 2:30], torch.from_numpy(raw[1]).expand(3, 28, 28))
+    assert torch.equal(first[:, 2:30, 2:30], torch.from_numpy(raw[1].copy()).expand(3, 28, 28))
     assert first[:, :2].sum() == 0 and first[:, -2:].sum() == 0 and first[:, :, :2].sum() == 0
     assert str(DEBIAN_DIR) in lt.manifest["source"]
 
