@@ -19,7 +19,7 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
-from datasets.augment import AUGMENTS, CIFAR10_POLICY, MAGNITUDES, OP_NAMES, SIGNED_OPS
+from datasets.augment import AUGMENTS, CIFAR10_POLICY, MAGNITUDES, OP_NAMES, SIGNED_OPS, SubPolicy
 
 FILL = 128.0  # fill colour (128, 128, 128) of the geometric ops (autoaugment.py)
 Tensor = torch.Tensor
@@ -245,10 +245,10 @@ def apply_op(op: str, x: Tensor, level: Tensor | int, sign: Tensor | float = 1.0
 
 
 @cache
-def _policy_tables(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    ops = [[OP_NAMES.index(op) for op, _, _ in sub] for sub in CIFAR10_POLICY]
-    probs = [[p for _, p, _ in sub] for sub in CIFAR10_POLICY]
-    levels = [[lv for _, _, lv in sub] for sub in CIFAR10_POLICY]
+def _policy_tables(policy: tuple[SubPolicy, ...], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    ops = [[OP_NAMES.index(op) for op, _, _ in sub] for sub in policy]
+    probs = [[p for _, p, _ in sub] for sub in policy]
+    levels = [[lv for _, _, lv in sub] for sub in policy]
     return (
         torch.tensor(ops, device=device),
         torch.tensor(probs, dtype=torch.float32, device=device),
@@ -282,13 +282,18 @@ def cutout_mask(n: int, h: int, w: int, length: int, generator: torch.Generator,
     return (~(in_rows.unsqueeze(2) & in_cols.unsqueeze(1))).unsqueeze(1).float()
 
 
-def autoaugment(x: Tensor, generator: torch.Generator, record: Counter[str] | None = None) -> Tensor:
+def autoaugment(
+    x: Tensor,
+    generator: torch.Generator,
+    record: Counter[str] | None = None,
+    policy: tuple[SubPolicy, ...] = CIFAR10_POLICY,
+) -> Tensor:
     """CIFAR10Policy per sample on float pixels (N, 3, H, W): draw a sub-policy, two uniforms and two signs per
     sample, then apply each (slot, op type) to the samples that drew and passed it, slot 0 before slot 1."""
     n, dev, n_ops = x.shape[0], x.device, len(OP_NAMES)
-    op_table, prob_table, level_table = _policy_tables(dev)
-    sub = torch.randint(0, len(CIFAR10_POLICY), (n,), generator=generator, device=dev)
-    applied = torch.rand(n, 2, generator=generator, device=dev) < prob_table[sub]
+    op_table, prob_table, level_table = _policy_tables(policy, dev)
+    sub = torch.randint(0, len(policy), (n,), generator=generator, device=dev)
+    applied = torch.rand(n, 2, generator=generator, device=dev) < prob_table[sub].flip(1)
     sign = torch.randint(0, 2, (n, 2), generator=generator, device=dev).double() * 2 - 1
     key = torch.where(applied, op_table[sub], n_ops)  # n_ops = "not applied"
     order = torch.argsort(key, dim=0, stable=True)

@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from harness.errors import HarnessError
 
@@ -23,8 +24,15 @@ COMMAND_MODULES = (
 )
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse prints usage plus the error; we print one line that names the command's --help instead."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"harness: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="harness", description="Long-tailed recognition benchmark and ablations.")
+    parser = OneLineParser(prog="harness", description="Long-tailed recognition benchmark and ablations.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:

@@ -48,6 +48,7 @@ class TrainConfig:
     crt_epochs: int = 20  # classifier re-training stage; one-stage methods train epochs + crt_epochs
     seed: int = 0
     eval_interval: int = 1  # test evaluation every k epochs (logged only, never used to select); 0: final only
+    eval_test: bool = True  # False (tuning trials): evaluate the validation split only, never the test split
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # autocast on CUDA only (official: fp16 AMP)
     deterministic: bool = False

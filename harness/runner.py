@@ -132,14 +132,20 @@ class Run:
     def evaluate(self, full: bool, epoch: int | None = None) -> dict[str, float]:
         autocast = self.cfg.train.amp and self.device.type == "cuda"
         data = self.data
-        preds = predict(self.spec.model, data.test, data.mean, data.std, self.device, autocast=autocast)
-        metrics, details = summarize(preds, data.class_counts)
-        keys = metrics if full else ("top1", "many", "medium", "few")
-        out = {f"test/{k}": metrics[k] for k in keys}
+        out: dict[str, float] = {}
+        if self.cfg.train.eval_test:
+            preds = predict(self.spec.model, data.test, data.mean, data.std, self.device, autocast=autocast)
+            metrics, details = summarize(preds, data.class_counts)
+            keys = metrics if full else ("top1", "many", "medium", "few")
+            out = {f"test/{k}": metrics[k] for k in keys}
+        elif data.val is None:
+            raise HarnessError("train.eval_test=false needs a validation split (set data.val_per_class > 0)")
         if data.val is not None:
             val_preds = predict(self.spec.model, data.val, data.mean, data.std, self.device, autocast=autocast)
-            val_metrics, _ = summarize(val_preds, data.class_counts)
+            val_metrics, val_details = summarize(val_preds, data.class_counts)
             out.update({f"val/{k}": val_metrics[k] for k in ("top1", "balanced_acc")})
+            if not self.cfg.train.eval_test:  # tuning trial: per-class details come from the validation split
+                details = val_details
         if self.on_eval is not None:
             self.on_eval(epoch if epoch is not None else -1, out)
         if full:

@@ -44,10 +44,17 @@ class Tracker:
 
     def __init__(self, tracking_uri: str | None = None) -> None:
         self.uri = tracking_uri or default_tracking_uri()
-        if self.uri.startswith("sqlite:///"):
-            Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        self.client = MlflowClient(tracking_uri=self.uri)
         self.local = self.uri.startswith("sqlite:")
+        self._client: MlflowClient | None = None
+
+    @property
+    def client(self) -> MlflowClient:
+        """Created on first use, so a command that fails its input checks writes no store."""
+        if self._client is None:
+            if self.uri.startswith("sqlite:///"):
+                Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            self._client = MlflowClient(tracking_uri=self.uri)
+        return self._client
 
     def experiment_id(self, name: str) -> str:
         found = self.client.get_experiment_by_name(name)

@@ -18,7 +18,8 @@ import pandas as pd
 
 from harness.checkpoint import load_json, save_json
 from harness.config import RunConfig
-from harness.runner import Run, RunResult
+from harness.errors import HarnessError
+from harness.runner import Run, RunResult, build_data
 from harness.tracking import Tracker, runs_dir
 from studies.stats import cell_stats
 from studies.tables import Row, TableSpec
@@ -47,7 +48,10 @@ def select_rows(table: TableSpec, wanted: Sequence[str] | None) -> tuple[Row, ..
     rows = tuple(r for r in table.rows if r.method is not None)
     if not wanted:
         return rows
-    return tuple(table.row(w) for w in wanted)
+    try:
+        return tuple(table.row(w) for w in wanted)
+    except KeyError as error:
+        raise HarnessError(str(error.args[0])) from None
 
 
 def _parent_state_path(plan: StudyPlan, signature: dict[str, Any]) -> Path:
@@ -60,6 +64,8 @@ def run_study(plan: StudyPlan, make_config: ConfigFactory, tracker: Tracker, *, 
               on_result: Callable[[Row, int, RunResult], None] | None = None) -> tuple[str, pd.DataFrame]:
     """Run every (row, seed); return the parent run id and the per-run results frame."""
     configs = {(row.key, seed): make_config(row, seed) for row in plan.rows for seed in plan.seeds}
+    for cfg in {c.data: c for c in configs.values()}.values():
+        build_data(cfg)  # fail on missing data before any run is created (cached in-process for the runs)
     state_path = _parent_state_path(plan, signature or {})
     state = load_json(state_path) if resume else None
     if state is not None:

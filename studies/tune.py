@@ -1,0 +1,408 @@
+"""Optuna tuning of a method's switches (SHIKE's alpha and beta): the only module that imports optuna.
+
+The objective is the final balanced accuracy on a validation split carved from the training file; trials never
+evaluate the test split (`train.eval_test=false`). A seeded TPE sampler proposes, a median pruner reads the per-epoch
+validation accuracy. The study lives in an Optuna RDB storage (SQLite next to the MLflow store by default, or any
+RDB URL shared by workers on several machines); every trial is an MLflow child run of the study's parent run, whose
+id the study keeps in its user attributes. One invocation adds exactly `n_trials` trials, whatever its worker count:
+each worker takes a claim from a counter shared by the invocation before it starts a trial.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import shutil
+import socket
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from optuna.trial import FrozenTrial, TrialState
+
+from harness.commands.options import make_config
+from harness.config import RunConfig, builder_defaults, flatten
+from harness.errors import HarnessError
+from harness.runner import Run, checkpoint_dir
+from harness.seeding import derive_seed
+from harness.tracking import Tracker, runs_dir
+from methods import METHODS
+
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+Study = optuna.Study  # for annotations elsewhere, so that this stays the only module importing optuna
+OBJECTIVE = "val/balanced_acc"
+PARENT_ATTR, SIGNATURE_ATTR = "mlflow_parent_run_id", "signature"
+HEARTBEAT_S, GRACE_S = 20, 120  # a trial whose worker stopped beating for GRACE_S is marked FAIL by the next worker
+MACHINE_KEYS = ("train.device", "train.num_workers", "train.fast_path", "data.data_root", "data.download")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searched switch: a float (or int) range, sampled on a log scale if `log`."""
+
+    low: float
+    high: float
+    log: bool = False
+
+
+# alpha weights L_nt, beta L_mu, both in batch-mean KL units (findings.md): official = 0.1 / 0.01.
+SPACES: dict[str, dict[str, Param]] = {
+    "shike": {"alpha": Param(1e-3, 1.0, True), "beta": Param(1e-4, 0.1, True), "scale": Param(10.0, 40.0)},
+}
+DEFAULT_SPACE: dict[str, tuple[str, ...]] = {"shike": ("alpha", "beta")}
+
+
+def parse_space(method: str, text: str) -> dict[str, Param]:
+    """`alpha,beta` (named ranges of SPACES) or `name=low:high[:log]` entries; checked against the builder."""
+    entries = [e.strip() for e in text.split(",") if e.strip()] or list(DEFAULT_SPACE.get(method, ()))
+    switches = builder_defaults(METHODS.get(method))
+    numeric = [k for k, v in switches.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    space = dict(_parse_entry(method, entry) for entry in entries)
+    for name, param in space.items():
+        if name not in numeric:
+            raise HarnessError(f"--space: '{name}' is not a numeric switch of '{method}'; those are: "
+                               f"{', '.join(numeric)}")
+        if not param.low < param.high or (param.log and param.low <= 0):
+            raise HarnessError(f"--space: bad range for '{name}': {param}")
+    if not space:
+        raise HarnessError(f"no search space for method '{method}'; pass --space name=low:high[:log],...")
+    return space
+
+
+def _parse_entry(method: str, entry: str) -> tuple[str, Param]:
+    name, sep, spec = entry.partition("=")
+    if not sep:
+        if name not in SPACES.get(method, {}):
+            raise HarnessError(f"--space: no named range for '{name}' of '{method}' (named: "
+                               f"{', '.join(SPACES.get(method, {})) or 'none'}); write {name}=low:high[:log]")
+        return name, SPACES[method][name]
+    parts = spec.split(":")
+    try:
+        return name, Param(float(parts[0]), float(parts[1]), parts[2:] == ["log"])
+    except (ValueError, IndexError):
+        raise HarnessError(f"--space entry '{entry}': expected name=low:high or name=low:high:log") from None
+
+
+@dataclass(frozen=True)
+class TunePlan:
+    """Everything a worker needs (picklable for spawned processes)."""
+
+    study: str
+    storage: str
+    tracking_uri: str
+    experiment: str
+    method: str
+    space: dict[str, Param]
+    cli: dict[str, Any]  # the options make_config reads (dataset, imbalance_factor, epochs, preset, overrides...)
+    val_per_class: int = 20
+    seed: int = 0
+    sampler_seed: int = 0
+    n_trials: int = 8
+    workers: int = 1
+    timeout_s: float | None = None
+    startup_trials: int = 5
+    warmup_steps: int = 1
+    first_trial: int = 0  # trials in the study when this invocation started (varies the sampler seeds)
+    deadline: float | None = field(default=None, compare=False)
+
+    def config(self, params: Mapping[str, float], refit: bool = False) -> RunConfig:
+        """The trial's config through the same path as `harness run` (make_config), plus the tuning overrides."""
+        user = list(self.cli.get("overrides", []))
+        if refit:  # the full training split, the test set evaluated once at the end
+            sets = [*user, "data.val_per_class=0", "train.eval_test=true", "train.eval_interval=0"]
+        else:  # user --set entries may change the validation size but never switch the test split back on
+            sets = [f"data.val_per_class={self.val_per_class}", *user, "train.eval_test=false"]
+        args = argparse.Namespace(**{**self.cli, "overrides": sets})
+        return make_config(args, self.method, self.seed, extra=dict(params))
+
+    def signature(self) -> dict[str, Any]:
+        """What makes two invocations the same study (machine-local keys and trial counts excluded)."""
+        flat = {k: v for k, v in flatten(self.config({})).items() if k not in MACHINE_KEYS}
+        for name in self.space:
+            flat.pop(f"method.{name}", None)
+        space = {k: [v.low, v.high, v.log] for k, v in self.space.items()}
+        return {**{k: str(v) for k, v in flat.items()}, "space": str(space), "sampler_seed": str(self.sampler_seed)}
+
+
+def default_storage(tracking_uri: str) -> str:
+    """SQLite next to the MLflow store (`<runs>/optuna.db`)."""
+    folder = Path(tracking_uri.removeprefix("sqlite:///")).parent if tracking_uri.startswith("sqlite:///") \
+        else runs_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'optuna.db'}"
+
+
+def open_storage(url: str, on_stale: Callable[[optuna.Study, FrozenTrial], None] | None = None
+                 ) -> optuna.storages.RDBStorage:
+    """An RDB storage with heartbeats; retried because concurrent first connections race to create the tables."""
+    engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    for attempt in range(4):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
+                                              grace_period=GRACE_S, failed_trial_callback=on_stale)
+        except Exception as error:  # sqlalchemy's errors differ per backend; the last attempt reports it
+            if attempt == 3:
+                raise HarnessError(f"cannot open the Optuna storage {url}: {error}") from error
+            time.sleep(1 + attempt)
+    raise AssertionError("unreachable")
+
+
+def make_sampler(plan: TunePlan, worker: int) -> optuna.samplers.TPESampler:
+    """Seeded TPE; each worker of each invocation gets its own seed so they do not propose the same points."""
+    seed = derive_seed(plan.sampler_seed, plan.first_trial, worker) % 2**32
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=plan.startup_trials, constant_liar=True)
+
+
+def load_study(plan: TunePlan, storage: optuna.storages.BaseStorage, worker: int = 0) -> optuna.Study:
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=min(plan.startup_trials, 3),
+                                         n_warmup_steps=plan.warmup_steps)
+    return optuna.load_study(study_name=plan.study, storage=storage, sampler=make_sampler(plan, worker),
+                             pruner=pruner)
+
+
+def ensure_study(plan: TunePlan, tracker: Tracker, storage: optuna.storages.BaseStorage) -> tuple[TunePlan, str]:
+    """Create the study (or join it); return the plan (with the study's experiment) and the MLflow parent run id.
+    Exactly one process creates the study (the storage enforces it); it writes the signature and the parent run,
+    the others wait for them."""
+    try:
+        study = optuna.create_study(storage=storage, study_name=plan.study, direction="maximize")
+        study.set_user_attr(SIGNATURE_ATTR, plan.signature())
+        study.set_user_attr("experiment", plan.experiment)
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=plan.study, storage=storage)
+        _check_signature(plan, study)
+        plan = replace(plan, experiment=study.user_attrs.get("experiment", plan.experiment))
+        parent = _wait_for(lambda: study.user_attrs.get(PARENT_ATTR), 30.0)  # the creator is writing it
+    else:
+        parent = None
+    if parent is None:  # created here (or its creator died before writing it): this process makes the parent run
+        tags = {"kind": "tune", "study": plan.study, "method": plan.method, "storage": plan.storage}
+        parent = tracker.start(plan.experiment, plan.study, tags)
+        study.set_user_attr(PARENT_ATTR, parent)
+    else:
+        tracker.reopen(parent)
+    return plan, parent
+
+
+def _wait_for(get: Callable[[], Any], timeout_s: float) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while (value := get()) is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return value
+
+
+def _check_signature(plan: TunePlan, study: optuna.Study) -> None:
+    stored = _wait_for(lambda: study.user_attrs.get(SIGNATURE_ATTR), 30.0) or {}
+    ours = plan.signature()
+    diff = sorted(k for k in set(stored) | set(ours) if stored.get(k) != ours.get(k))
+    if diff:
+        shown = "; ".join(f"{k}: study {stored.get(k)!r}, now {ours.get(k)!r}" for k in diff[:6])
+        raise HarnessError(f"study '{plan.study}' was created with other settings ({shown}); "
+                           "rerun with the same options or pass --study NEW_NAME")
+
+
+class Claims:
+    """A counter shared by one invocation's workers: a trial starts only after taking a claim, so K workers
+    together add exactly N trials (a fast worker takes more of them)."""
+
+    def __init__(self, total: int, ctx: Any) -> None:
+        self.total, self.taken = total, ctx.Value("i", 0)
+
+    def take(self, deadline: float | None) -> bool:
+        if deadline is not None and time.time() >= deadline:
+            return False
+        with self.taken.get_lock():
+            if self.taken.value >= self.total:
+                return False
+            self.taken.value += 1
+            return True
+
+
+class Objective:
+    """One trial = one harness Run (an MLflow child run) with the trial's switches as method overrides."""
+
+    def __init__(self, plan: TunePlan, tracker: Tracker, run_class: type[Run] = Run) -> None:
+        self.plan, self.tracker, self.run_class = plan, tracker, run_class
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        params = {k: _suggest(trial, k, p, self.plan.method) for k, p in self.plan.space.items()}
+        trial.set_user_attr("worker", self.worker)
+        cfg = self.plan.config(params)
+        name = f"{self.plan.study}-t{trial.number}"
+        folder = checkpoint_dir(self.plan.experiment, name, cfg)
+        shutil.rmtree(folder, ignore_errors=True)  # trials never resume: a reused number starts over
+        tags = {"kind": "trial", "study": self.plan.study, "trial_number": trial.number, "trial_state": "RUNNING"}
+        run = self.run_class(cfg, self.tracker, self.plan.experiment, name, tags=tags,
+                             parent_run_id=trial.study.user_attrs[PARENT_ATTR],
+                             on_eval=_PruneReporter(trial, cfg.train.epochs + cfg.train.crt_epochs))
+        try:
+            result = run.execute()
+        except optuna.TrialPruned:
+            self._close(run, trial, "PRUNED", "KILLED")
+            raise
+        except FloatingPointError as error:  # non-finite loss: these switches diverge, TPE should move away
+            self._close(run, trial, "PRUNED", "FAILED", f"non-finite loss: {error}")
+            raise optuna.TrialPruned(f"non-finite loss: {error}") from error
+        except Exception as error:
+            self._close(run, trial, "FAIL", "FAILED", f"{type(error).__name__}: {error}")
+            raise
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        self._close(run, trial, "COMPLETE", None)
+        return result.metrics[OBJECTIVE]
+
+    def _close(self, run: Run, trial: optuna.Trial, state: str, status: str | None, reason: str = "") -> None:
+        if reason:
+            trial.set_user_attr("reason", reason[:500])
+        if not run.run_id:
+            return
+        trial.set_user_attr("mlflow_run_id", run.run_id)
+        self.tracker.set_tags(run.run_id, {"trial_state": state, **({"reason": reason[:500]} if reason else {})})
+        if status is not None:
+            self.tracker.end(run.run_id, status)
+
+
+def _suggest(trial: optuna.Trial, name: str, p: Param, method: str) -> float:
+    if isinstance(builder_defaults(METHODS.get(method))[name], int):
+        return trial.suggest_int(name, int(p.low), int(p.high), log=p.log)
+    return trial.suggest_float(name, p.low, p.high, log=p.log)
+
+
+class _PruneReporter:
+    """`on_eval`: report validation balanced accuracy per epoch and prune on the pruner's word (never at the end)."""
+
+    def __init__(self, trial: optuna.Trial, final_epoch: int) -> None:
+        self.trial, self.final_epoch = trial, final_epoch
+
+    def __call__(self, epoch: int, metrics: dict[str, float]) -> None:
+        if any(k.startswith("test/") for k in metrics):
+            raise HarnessError("a tuning trial evaluated the test split; it must see validation data only")
+        self.trial.report(metrics[OBJECTIVE], max(epoch, 0))
+        if epoch < self.final_epoch and self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at epoch {epoch} ({OBJECTIVE} {metrics[OBJECTIVE]:.4f})")
+
+
+def mark_lost(tracker: Tracker, plan: TunePlan, number: int, reason: str) -> None:
+    """Close the MLflow child run of a trial whose worker died (found by its tags)."""
+    found = tracker.search([plan.experiment], f"tags.study = '{plan.study}' and tags.trial_number = '{number}'")
+    for run_id in getattr(found, "run_id", []):
+        tracker.set_tags(run_id, {"trial_state": "FAIL", "reason": reason})
+        tracker.end(run_id, "KILLED")
+
+
+def worker_main(plan: TunePlan, worker: int, claims: Claims) -> None:
+    """One worker process: take claims and run one trial per claim until the invocation's N are taken."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // plan.workers))
+    tracker = Tracker(plan.tracking_uri)
+
+    def on_stale(study: optuna.Study, trial: FrozenTrial) -> None:
+        mark_lost(tracker, plan, trial.number, "no heartbeat: its worker died")
+
+    study = load_study(plan, open_storage(plan.storage, on_stale), worker)
+    objective = Objective(plan, tracker)
+    while claims.take(plan.deadline):
+        study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[_announce(worker)])
+
+
+def _announce(worker: int) -> Callable[[optuna.Study, FrozenTrial], None]:
+    def callback(study: optuna.Study, trial: FrozenTrial) -> None:
+        params = " ".join(f"{k}={v:.4g}" for k, v in trial.params.items())
+        value = "-" if trial.value is None else f"{trial.value:.4f}"
+        seconds = trial.duration.total_seconds() if trial.duration else 0.0
+        print(f"[worker {worker}] trial {trial.number} {trial.state.name} {OBJECTIVE}={value} {params} "
+              f"({seconds:.0f} s)", flush=True)
+
+    return callback
+
+
+def run_workers(plan: TunePlan, tracker: Tracker, study: optuna.Study) -> list[int]:
+    """Run the invocation's trials: in this process for one worker, else K spawned processes. Returns the exit
+    codes; the running trials of a worker that died are marked FAIL at once, so the study stays usable."""
+    ctx = mp.get_context("spawn")
+    claims = Claims(plan.n_trials, ctx)
+    if plan.workers == 1:
+        worker_main(plan, 0, claims)
+        return [0]
+    procs = [ctx.Process(target=worker_main, args=(plan, i, claims), name=f"tune-worker-{i}")
+             for i in range(plan.workers)]
+    for proc in procs:
+        proc.start()
+        print(f"worker {procs.index(proc)} pid {proc.pid}", flush=True)
+    try:
+        for proc in procs:
+            proc.join()
+    finally:
+        for proc in procs:
+            proc.join(timeout=60)
+    dead = {f"{socket.gethostname()}:{p.pid}": p.exitcode for p in procs if p.exitcode != 0}
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if trial.user_attrs.get("worker") in dead:
+            reason = f"worker {trial.user_attrs['worker']} exited with code {dead[trial.user_attrs['worker']]}"
+            study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+            mark_lost(tracker, plan, trial.number, reason)
+    return [p.exitcode if p.exitcode is not None else -1 for p in procs]
+
+
+def tune(plan: TunePlan) -> tuple[TunePlan, optuna.Study, str, list[int]]:
+    """Create or join the study and add `plan.n_trials` trials with `plan.workers` workers; return the plan as run,
+    the study, the parent run id and the worker exit codes."""
+    tracker = Tracker(plan.tracking_uri)
+    storage = open_storage(plan.storage)
+    plan, parent = ensure_study(plan, tracker, storage)
+    study = load_study(plan, storage)
+    deadline = time.time() + plan.timeout_s if plan.timeout_s else None
+    plan = replace(plan, first_trial=len(study.trials), deadline=deadline)
+    try:
+        codes = run_workers(plan, tracker, study)
+    except BaseException:
+        tracker.end(parent, "KILLED")
+        raise
+    return plan, study, parent, codes
+
+
+def save_plots(study: optuna.Study, folder: Path, space: list[str]) -> dict[str, str]:
+    """optimization_history.png, param_importances.png, contour_<a>_<b>.png (and intermediate_values.png) where
+    the study has enough trials for them; returns {file: reason} for the ones it could not draw."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as vis
+
+    plots: dict[str, Callable[[], Any]] = {
+        "optimization_history.png": lambda: vis.plot_optimization_history(study),
+        "param_importances.png": lambda: vis.plot_param_importances(study),
+        "intermediate_values.png": lambda: vis.plot_intermediate_values(study),
+    }
+    pair = ["alpha", "beta"] if {"alpha", "beta"} <= set(space) else space[:2]
+    if len(pair) == 2:
+        plots[f"contour_{pair[0]}_{pair[1]}.png"] = lambda: vis.plot_contour(study, params=pair)
+    folder.mkdir(parents=True, exist_ok=True)
+    skipped = {}
+    for name, draw in plots.items():
+        try:
+            axes = draw()
+            figure = (axes.flat[0] if hasattr(axes, "flat") else axes).get_figure()
+            figure.savefig(folder / name, dpi=120, bbox_inches="tight")
+            plt.close(figure)
+        except Exception as error:  # too few complete trials, a constant parameter...: the others still draw
+            skipped[name] = f"{type(error).__name__}: {error}"
+    return skipped
+
+
+def open_existing(name: str, storage_url: str) -> optuna.Study:
+    """Load a study for reporting; an unknown name lists the storage's studies."""
+    storage = open_storage(storage_url)
+    names = optuna.get_all_study_names(storage)
+    if name not in names:
+        raise HarnessError(f"no study '{name}' in {storage_url}; its studies: {', '.join(sorted(names)) or '(none)'}")
+    return optuna.load_study(study_name=name, storage=storage)

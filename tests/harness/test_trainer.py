@@ -1,0 +1,113 @@
+"""A two-stage toy training run on CPU (detectron2's test_engine style): stage semantics, logging, resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from datasets._api import Split
+from harness.config import resolve
+from harness.feeders import ReferenceFeeder
+from harness.trainer import Trainer
+from methods import METHODS
+
+COUNTS = (40, 20, 10, 5)
+
+
+def toy_split(n: int = 75, seed: int = 0) -> Split:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % len(COUNTS)
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    images[:, 0] = (labels * 60).to(torch.uint8)[:, None, None]  # a learnable class cue
+    return Split(images, labels)
+
+
+def make(method: str = "shike", epochs: int = 2, crt: int = 1, **overrides):
+    torch.manual_seed(0)
+    cfg = resolve(method, METHODS.get(method), overrides={"train.epochs": epochs, "train.crt_epochs": crt,
+                                                          "optim.batch_size": 32, "method.experts": 2,
+                                                          **overrides})
+    spec = METHODS.get(method)(num_classes=len(COUNTS), class_counts=COUNTS, **cfg.method_kwargs)
+    feeder = ReferenceFeeder(toy_split(), (0.5,) * 3, (0.25,) * 3, "autoaugment", 32, torch.device("cpu"))
+    return cfg, spec, feeder
+
+
+def test_two_stages_log_every_term_and_freeze_the_backbone():
+    cfg, spec, feeder = make()
+    logged: dict[int, dict[str, float]] = {}
+    trainer = Trainer(spec, cfg, feeder, torch.device("cpu"), on_epoch=lambda e, m: logged.__setitem__(e, m))
+    snapshot: dict[str, torch.Tensor] = {}
+
+    def remember(epoch: int, metrics: dict[str, float]) -> None:
+        logged[epoch] = metrics
+        if epoch == 1:  # the end of stage 1
+            snapshot.update({k: v.clone() for k, v in spec.model.state_dict().items()})
+
+    trainer.on_epoch = remember
+    trainer.fit()
+    assert set(logged) == {0, 1, 2}
+    assert {"loss/ce", "loss/nt", "loss/mu", "loss/total", "lr"} <= set(logged[0])
+    assert set(logged[2]) == {"loss/bsce", "loss/total", "lr"}
+    after = spec.model.state_dict()
+    for name, value in snapshot.items():
+        if name.startswith("retrain_heads"):
+            assert not torch.equal(value, after[name]), name  # the fresh heads trained
+        elif "running" in name or "num_batches" in name:
+            continue  # official: BN statistics keep updating in stage 2
+        else:
+            assert torch.equal(value, after[name]), name  # everything else frozen
+    assert spec.model.active_head == "retrain_head"
+
+
+def test_freeze_bn_keeps_running_statistics_in_stage_two():
+    cfg, spec, feeder = make(**{"method.freeze_bn_stage2": True})
+    before: dict[str, torch.Tensor] = {}
+
+    def remember(epoch: int, metrics: dict[str, float]) -> None:
+        if epoch == 1:
+            before.update({k: v.clone() for k, v in spec.model.state_dict().items() if "running" in k})
+
+    Trainer(spec, cfg, feeder, torch.device("cpu"), on_epoch=remember).fit()
+    after = spec.model.state_dict()
+    assert before and all(torch.equal(v, after[k]) for k, v in before.items())
+
+
+def test_total_loss_is_the_weighted_sum_of_terms():
+    cfg, spec, feeder = make(epochs=1, crt=0)
+    logged = {}
+    Trainer(spec, cfg, feeder, torch.device("cpu"), on_epoch=lambda e, m: logged.update(m)).fit()
+    weights = {t.name: t.weight for t in spec.stages[0].losses}
+    expected = sum(weights[k.split("/")[1]] * v for k, v in logged.items() if k.startswith("loss/") and
+                   k != "loss/total")
+    assert logged["loss/total"] == pytest.approx(expected, rel=1e-5)
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_from_a_checkpoint_reaches_the_same_weights(tmp_path):
+    cfg, spec, feeder = make(epochs=3, crt=1)
+    Trainer(spec, cfg, feeder, torch.device("cpu"), checkpoint_path=tmp_path / "a.pt").fit()
+    reference = spec.model.state_dict()
+
+    def kill_at_epoch_two(epoch: int, metrics: dict[str, float]) -> None:
+        if epoch == 2:
+            raise Killed  # dies before the epoch-2 checkpoint: resume replays epoch 2 from the epoch-1 state
+
+    cfg, spec, feeder = make(epochs=3, crt=1)
+    with pytest.raises(Killed):
+        Trainer(spec, cfg, feeder, torch.device("cpu"), checkpoint_path=tmp_path / "b.pt",
+                on_epoch=kill_at_epoch_two).fit()
+    torch.manual_seed(123)  # the resumed process has other RNG state; the per-epoch seeds make it irrelevant
+    cfg, spec, feeder = make(epochs=3, crt=1)
+    Trainer(spec, cfg, feeder, torch.device("cpu"), checkpoint_path=tmp_path / "b.pt").fit(resume=True)
+    resumed = spec.model.state_dict()
+    for name, value in reference.items():
+        assert torch.equal(value, resumed[name]), name
+
+
+def test_non_finite_loss_stops_the_run():
+    cfg, spec, feeder = make(epochs=3, crt=0, **{"optim.peak_lr": 1e30, "method.head": "linear"})
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        Trainer(spec, cfg, feeder, torch.device("cpu")).fit()
