@@ -293,7 +293,7 @@ def autoaugment(
     n, dev, n_ops = x.shape[0], x.device, len(OP_NAMES)
     op_table, prob_table, level_table = _policy_tables(policy, dev)
     sub = torch.randint(0, len(policy), (n,), generator=generator, device=dev)
-    applied = torch.rand(n, 2, generator=generator, device=dev) < prob_table[sub].flip(1)
+    applied = torch.rand(n, 2, generator=generator, device=dev) < prob_table[sub]
     sign = torch.randint(0, 2, (n, 2), generator=generator, device=dev).double() * 2 - 1
     key = torch.where(applied, op_table[sub], n_ops)  # n_ops = "not applied"
     order = torch.argsort(key, dim=0, stable=True)

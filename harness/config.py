@@ -53,6 +53,7 @@ class TrainConfig:
     amp: bool = True  # autocast on CUDA only (official: fp16 AMP)
     deterministic: bool = False
     fast_path: str = "auto"  # auto: device-resident batched augmentation on CUDA, reference DataLoader on CPU
+    compile: str = "off"  # off | default | reduce-overhead (CUDA graphs) | max-autotune: torch.compile the loss step
     num_workers: int = 0
     checkpoint_interval: int = 1  # epochs between atomic checkpoints (and always at the end of a stage)
     channels_last: bool = True  # NHWC convolutions: ~25% faster steps on this CPU; tensor-core friendly on CUDA

@@ -124,6 +124,11 @@ class Tracker:
                                                         tracking_uri=self.uri)
             return Path(local).read_text()
 
+    def experiment_names(self, prefix: str = "") -> list[str]:
+        """Names of the experiments starting with `prefix`, the most recently created first."""
+        found = [e for e in self.client.search_experiments() if e.name.startswith(prefix)]
+        return [e.name for e in sorted(found, key=lambda e: e.creation_time or 0, reverse=True)]
+
     def search(self, experiment_names: list[str] | None = None, filter_string: str = "") -> Any:
         """Runs as a pandas DataFrame (params.*, metrics.*, tags.* columns), across the named or all experiments."""
         if experiment_names is None:

@@ -90,19 +90,30 @@ class Trainer:
         self.autocast = cfg.train.amp and device.type == "cuda"
         self.stages = plan(spec, cfg)
         self.total_epochs = sum(s.epochs for s in self.stages)
+        self.loss_step = self.forward_losses
+        if cfg.train.compile != "off":
+            # dynamic=False: a full batch and the smaller last batch give two static graphs, no shape guards.
+            self.loss_step = torch.compile(self.forward_losses, mode=cfg.train.compile, dynamic=False)
 
-    def step(self, stage: Stage, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
-             sums: torch.Tensor) -> None:
+    def forward_losses(self, stage_index: int, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Forward pass and every loss term of the stage: returns (term values..., weighted total) stacked.
+        This is the part `train.compile` hands to torch.compile (one graph per stage; no host syncs inside)."""
+        stage = self.stages[stage_index].stage
         images = images.contiguous(memory_format=self.memory_format)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             out = self.spec.model(images)
         out.logits, out.expert_logits = out.logits.float(), out.expert_logits.float()
         values = [term.fn(out, labels) for term in stage.losses]
         total = sum(term.weight * value for term, value in zip(stage.losses, values))
+        return torch.stack([*values, total])
+
+    def step(self, stage_index: int, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
+             sums: torch.Tensor) -> None:
+        values = self.loss_step(stage_index, images, labels)
         optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        values[-1].backward()
         optimizer.step()
-        sums += torch.stack([*[v.detach() for v in values], total.detach()]) * len(labels)
+        sums += values.detach() * len(labels)
 
     def run_epoch(self, run: StageRun, optimizer: torch.optim.Optimizer, epoch: int) -> dict[str, float]:
         lr = stage_lr(self.cfg.optim, run.index, epoch, run.epochs)
@@ -112,7 +123,7 @@ class Trainer:
         sums = torch.zeros(len(run.stage.losses) + 1, device=self.device)
         seen = 0
         for images, labels in self.feeder.epoch(derive_seed(self.cfg.train.seed, run.index, epoch)):
-            self.step(run.stage, optimizer, images, labels, sums)
+            self.step(run.index, optimizer, images, labels, sums)
             seen += len(labels)
             if self.progress is not None:
                 self.progress.advance_batch()

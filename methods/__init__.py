@@ -4,6 +4,6 @@ from harness.registry import Registry
 
 METHODS = Registry("method")
 
-from methods import baselines, shike  # noqa: E402,F401  (registration side effects)
+from methods import baselines, branches, shike  # noqa: E402,F401  (registration side effects)
 
 __all__ = ["METHODS"]

@@ -147,7 +147,8 @@ def open_storage(url: str, on_stale: Callable[[optuna.Study, FrozenTrial], None]
     for attempt in range(4):
         try:
             return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
-                                              grace_period=GRACE_S, failed_trial_callback=on_stale)
+                                              grace_period=GRACE_S,
+                                              heartbeat_stale_trial_callback=on_stale)
         except Exception as error:  # sqlalchemy's errors differ per backend; the last attempt reports it
             if attempt == 3:
                 raise HarnessError(f"cannot open the Optuna storage {url}: {error}") from error
@@ -229,21 +230,21 @@ class Claims:
 class Objective:
     """One trial = one harness Run (an MLflow child run) with the trial's switches as method overrides."""
 
-    def __init__(self, plan: TunePlan, tracker: Tracker, run_class: type[Run] = Run) -> None:
-        self.plan, self.tracker, self.run_class = plan, tracker, run_class
+    def __init__(self, plan: TunePlan, tracker: Tracker) -> None:
+        self.plan, self.tracker = plan, tracker
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
     def __call__(self, trial: optuna.Trial) -> float:
+        trial.set_user_attr("worker", self.worker)  # first, so that the launcher can fail it if this worker dies
         params = {k: _suggest(trial, k, p, self.plan.method) for k, p in self.plan.space.items()}
-        trial.set_user_attr("worker", self.worker)
         cfg = self.plan.config(params)
         name = f"{self.plan.study}-t{trial.number}"
         folder = checkpoint_dir(self.plan.experiment, name, cfg)
         shutil.rmtree(folder, ignore_errors=True)  # trials never resume: a reused number starts over
         tags = {"kind": "trial", "study": self.plan.study, "trial_number": trial.number, "trial_state": "RUNNING"}
-        run = self.run_class(cfg, self.tracker, self.plan.experiment, name, tags=tags,
-                             parent_run_id=trial.study.user_attrs[PARENT_ATTR],
-                             on_eval=_PruneReporter(trial, cfg.train.epochs + cfg.train.crt_epochs))
+        run = Run(cfg, self.tracker, self.plan.experiment, name, tags=tags,
+                  parent_run_id=trial.study.user_attrs[PARENT_ATTR],
+                  on_eval=_PruneReporter(trial, cfg.train.epochs + cfg.train.crt_epochs))
         try:
             result = run.execute()
         except optuna.TrialPruned:
@@ -343,13 +344,21 @@ def run_workers(plan: TunePlan, tracker: Tracker, study: optuna.Study) -> list[i
     finally:
         for proc in procs:
             proc.join(timeout=60)
-    dead = {f"{socket.gethostname()}:{p.pid}": p.exitcode for p in procs if p.exitcode != 0}
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if trial.user_attrs.get("worker") in dead:
-            reason = f"worker {trial.user_attrs['worker']} exited with code {dead[trial.user_attrs['worker']]}"
-            study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
-            mark_lost(tracker, plan, trial.number, reason)
+    fail_dead_workers(study, tracker, plan, {f"{socket.gethostname()}:{p.pid}": p.exitcode for p in procs
+                                             if p.exitcode != 0})
     return [p.exitcode if p.exitcode is not None else -1 for p in procs]
+
+
+def fail_dead_workers(study: optuna.Study, tracker: Tracker, plan: TunePlan, dead: dict[str, int | None]) -> list[int]:
+    """Mark FAIL the running trials of workers that died (keyed "host:pid" -> exit code); return their numbers."""
+    lost = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = trial.user_attrs.get("worker")
+        if worker in dead:
+            study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+            mark_lost(tracker, plan, trial.number, f"worker {worker} exited with code {dead[worker]}")
+            lost.append(trial.number)
+    return lost
 
 
 def tune(plan: TunePlan) -> tuple[TunePlan, optuna.Study, str, list[int]]:
@@ -390,7 +399,9 @@ def save_plots(study: optuna.Study, folder: Path, space: list[str]) -> dict[str,
     skipped = {}
     for name, draw in plots.items():
         try:
-            axes = draw()
+            with warnings.catch_warnings():  # "importances will be equal" with few trials is not news
+                warnings.simplefilter("ignore")
+                axes = draw()
             figure = (axes.flat[0] if hasattr(axes, "flat") else axes).get_figure()
             figure.savefig(folder / name, dpi=120, bbox_inches="tight")
             plt.close(figure)
