@@ -4,7 +4,9 @@ once, on the images' device.
 
 Every op reproduces PIL's arithmetic on integer-valued float32 pixels in [0, 255] (blend truncation, RGB->L weights,
 the SMOOTH kernel with untouched borders, the 16.16 fixed-point nearest affine of Geometry.c, PIL's a=-1 bicubic for
-shear, the autocontrast and equalize look-up tables), so most ops match PIL bit for bit (see tests/datasets).
+shear, the autocontrast and equalize look-up tables): all 14 ops match PIL bit for bit on the test images (Pillow 13,
+tests/datasets/test_augment.py). Geometric ops are index gathers with PIL's own coordinate arithmetic rather than
+affine_grid + grid_sample, whose pixel-centre rounding and bicubic kernel (a = -0.75) differ from PIL's.
 AutoAugment runs one op type at a time on the samples that drew it: one host sync per call (the group sizes), loops
 over the 2 slots x 14 op types only, never over images.
 """

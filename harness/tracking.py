@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no tqdm bars in report output
 
 import mlflow  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
@@ -123,6 +124,10 @@ class Tracker:
             local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name, dst_path=tmp,
                                                         tracking_uri=self.uri)
             return Path(local).read_text()
+
+    def artifact_names(self, run_id: str, folder: str = "") -> list[str]:
+        """Paths of the files (not folders) directly under `folder` of a run's artifacts."""
+        return [f.path for f in self.client.list_artifacts(run_id, folder or None) if not f.is_dir]
 
     def experiment_names(self, prefix: str = "") -> list[str]:
         """Names of the experiments starting with `prefix`, the most recently created first."""

@@ -8,18 +8,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
+import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 
 from harness.checkpoint import load_json, save_json
 from harness.config import RunConfig
 from harness.errors import HarnessError
-from harness.runner import Run, RunResult, build_data
+from harness.runner import Run, build_data
 from harness.tracking import Tracker, runs_dir
 from studies.stats import cell_stats
 from studies.tables import Row, TableSpec
@@ -59,44 +63,84 @@ def _parent_state_path(plan: StudyPlan, signature: dict[str, Any]) -> Path:
     return runs_dir() / "checkpoints" / plan.experiment / f"_parent-{digest}" / "state.json"
 
 
+@dataclass(frozen=True)
+class ChildJob:
+    """One (row, seed) run of a study, picklable so a worker process can execute it."""
+
+    cfg: RunConfig
+    experiment: str
+    name: str
+    parent: str
+    row: str
+    key: str
+    seed: int
+    table: str
+
+
+def execute_job(job: ChildJob, tracking_uri: str, resume: bool, progress: Any = None, threads: int = 0) -> dict:
+    """Run one child and return its result record (also the entry point of worker processes)."""
+    if threads:
+        torch.set_num_threads(threads)
+    run = Run(job.cfg, Tracker(tracking_uri), job.experiment, job.name, parent_run_id=job.parent,
+              tags={"table": job.table, "row": job.row, "row_key": job.key})
+    result = run.execute(resume=resume, progress=progress)
+    return {"row": job.row, "key": job.key, "seed": job.seed, "run_id": result.run_id,
+            "wall_time_s": result.wall_time_s, "skipped": result.skipped, **result.metrics}
+
+
+def run_jobs(jobs: list[ChildJob], tracking_uri: str, resume: bool, workers: int = 1,
+             progress: Any = None) -> Iterator[dict]:
+    """Execute jobs one after another (with per-run progress bars) or in `workers` processes at once: runs of
+    launch-bound small models overlap their host overhead on one GPU; on a CPU they share the cores."""
+    if workers <= 1:
+        for job in jobs:
+            yield execute_job(job, tracking_uri, resume, progress)
+        return
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        futures = [pool.submit(execute_job, job, tracking_uri, resume, None, threads) for job in jobs]
+        for future in as_completed(futures):
+            yield future.result()
+
+
+def _open_parent(plan: StudyPlan, tracker: Tracker, resume: bool, signature: dict[str, Any]) -> str:
+    state_path = _parent_state_path(plan, signature)
+    state = load_json(state_path) if resume else None
+    if state is not None:
+        tracker.reopen(state["run_id"])
+        return state["run_id"]
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    parent = tracker.start(plan.experiment, f"{plan.experiment}-{stamp}",
+                           {"table": plan.table.name, "kind": "study", "dataset": plan.dataset,
+                            "imbalance_factor": f"{plan.imbalance_factor:g}",
+                            "seeds": ",".join(map(str, plan.seeds))})
+    save_json(state_path, {"run_id": parent})
+    return parent
+
+
 def run_study(plan: StudyPlan, make_config: ConfigFactory, tracker: Tracker, *, resume: bool = False,
               signature: dict[str, Any] | None = None, progress: Any = None,
-              on_result: Callable[[Row, int, RunResult], None] | None = None) -> tuple[str, pd.DataFrame]:
-    """Run every (row, seed); return the parent run id and the per-run results frame."""
+              workers: int = 1) -> tuple[str, pd.DataFrame]:
+    """Run every (row, seed) as a child of one parent run; return the parent run id and the per-run frame."""
     configs = {(row.key, seed): make_config(row, seed) for row in plan.rows for seed in plan.seeds}
     for cfg in {c.data: c for c in configs.values()}.values():
         build_data(cfg)  # fail on missing data before any run is created (cached in-process for the runs)
-    state_path = _parent_state_path(plan, signature or {})
-    state = load_json(state_path) if resume else None
-    if state is not None:
-        parent = state["run_id"]
-        tracker.reopen(parent)
-    else:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        parent = tracker.start(plan.experiment, f"{plan.experiment}-{stamp}",
-                               {"table": plan.table.name, "kind": "study", "dataset": plan.dataset,
-                                "imbalance_factor": f"{plan.imbalance_factor:g}",
-                                "seeds": ",".join(map(str, plan.seeds))})
-        save_json(state_path, {"run_id": parent})
+    parent = _open_parent(plan, tracker, resume, signature or {})
+    jobs = [ChildJob(configs[(row.key, seed)], plan.experiment, plan.run_name(row, seed), parent, row.name, row.key,
+                     seed, plan.table.name) for row in plan.rows for seed in plan.seeds]
+    outer = progress.add_task("runs", total=len(jobs)) if progress is not None else None
     records = []
-    outer = progress.add_task("runs", total=len(configs)) if progress is not None else None
     try:
-        for row in plan.rows:
-            for seed in plan.seeds:
-                cfg = configs[(row.key, seed)]
-                run = Run(cfg, tracker, plan.experiment, plan.run_name(row, seed), parent_run_id=parent,
-                          tags={"table": plan.table.name, "row": row.name, "row_key": row.key})
-                result = run.execute(resume=resume, progress=progress)
-                records.append({"row": row.name, "key": row.key, "seed": seed, "run_id": result.run_id,
-                                "wall_time_s": result.wall_time_s, "skipped": result.skipped, **result.metrics})
-                if on_result is not None:
-                    on_result(row, seed, result)
-                if outer is not None:
-                    progress.advance(outer)
+        for record in run_jobs(jobs, tracker.uri, resume, workers, progress if workers <= 1 else None):
+            records.append(record)
+            if outer is not None:
+                progress.advance(outer)
     except BaseException:
         tracker.end(parent, "KILLED")
         raise
-    frame = pd.DataFrame.from_records(records)
+    order = {(job.key, job.seed): i for i, job in enumerate(jobs)}
+    frame = pd.DataFrame.from_records(sorted(records, key=lambda r: order[(r["key"], r["seed"])]))
     summary = summarize_study(plan, frame)
     tracker.log_text(parent, summary.to_csv(index=False), f"{plan.table.name}.csv")
     tracker.log_text(parent, summary.to_markdown(index=False) if _has_tabulate() else summary.to_string(),

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 from datasets._api import shot_groups
 
@@ -75,9 +76,8 @@ def _best_per_class(ax: Axes, accuracy: np.ndarray, class_counts: Sequence[int],
     order = size_order(class_counts)
     best, winner = best_of(np.asarray(accuracy)[:, order])
     x = np.arange(len(order))
-    for m, name in enumerate(names):
-        mine = winner == m
-        ax.bar(x[mine], 100 * best[mine], width=0.9, color=COLORS[m % len(COLORS)], label=f"{name}")
+    colors = [COLORS[m % len(COLORS)] for m in range(len(names))]
+    ax.bar(x, 100 * best, width=0.9, color=[colors[w] for w in winner])
     ax.set_xlabel("classes, sorted by training images (head → tail)")
     ax.set_ylabel("best test accuracy (%)")
     ax.set_ylim(0, 105)
@@ -86,13 +86,14 @@ def _best_per_class(ax: Axes, accuracy: np.ndarray, class_counts: Sequence[int],
     counts.plot(x, np.asarray(class_counts)[order], color="black", linewidth=1.2, label="training images")
     counts.set_yscale("log")
     counts.set_ylabel("training images")
-    ax.legend(loc="upper right", fontsize=8, title="best", title_fontsize=8)
+    handles = [Patch(color=color, label=name) for color, name in zip(colors, names)]  # also for experts winning none
+    ax.legend(handles=handles, loc="upper right", fontsize=8, title="best", title_fontsize=8)
 
 
 def figure1(accuracy: np.ndarray, class_counts: Sequence[int], names: Sequence[str], path: Path,
             subtitle: str = "") -> Path:
     """SHIKE Fig. 1: the best accuracy among a ResNet-32's branches for each class."""
-    figure = Figure(figsize=(9, 4))
+    figure = Figure(figsize=(9, 4), layout="constrained")
     ax = figure.add_subplot()
     _best_per_class(ax, accuracy, class_counts, names)
     ax.set_title("Fig. 1: best branch per class (balanced-softmax re-trained heads)" +
@@ -103,7 +104,7 @@ def figure1(accuracy: np.ndarray, class_counts: Sequence[int], names: Sequence[s
 def figure3(accuracy: np.ndarray, class_counts: Sequence[int], names: Sequence[str], path: Path,
             subtitle: str = "") -> Path:
     """SHIKE Fig. 3: (a) the best expert's accuracy per class; (b) the share of classes each expert wins."""
-    figure = Figure(figsize=(13, 4))
+    figure = Figure(figsize=(13, 4), layout="constrained")
     left, right = figure.subplots(1, 2, gridspec_kw={"width_ratios": (2, 1)})
     _best_per_class(left, accuracy, class_counts, names)
     left.set_title("(a) highest accuracy among experts per class", fontsize=10)
@@ -120,15 +121,14 @@ def figure3(accuracy: np.ndarray, class_counts: Sequence[int], names: Sequence[s
     right.set_ylim(0, 105)
     right.set_title("(b) share of classes each expert is best on", fontsize=10)
     right.legend(fontsize=8)
-    if subtitle:
-        figure.suptitle(subtitle, fontsize=9)
+    figure.suptitle("Fig. 3: preferences of the experts" + (f"\n{subtitle}" if subtitle else ""), fontsize=10)
     return _save(figure, path)
 
 
 def figure4(probabilities: Mapping[str, np.ndarray], path: Path, subtitle: str = "") -> Path:
     """SHIKE Fig. 4: how many test samples have each hardest-negative probability, per model."""
     histogram = hardest_negative_histogram(probabilities)
-    figure = Figure(figsize=(8, 4))
+    figure = Figure(figsize=(8, 4), layout="constrained")
     ax = figure.add_subplot()
     step = 1.0 / len(histogram)
     width = 0.9 * step / len(histogram.columns)

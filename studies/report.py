@@ -104,7 +104,8 @@ def seed_runs(runs: pd.DataFrame, row: Row) -> pd.DataFrame:
         return mine
     seeds = _col(mine, "params.train.seed").fillna(_col(mine, "tags.seed"))
     mine = mine.assign(_seed=seeds, _start=_col(mine, "start_time"))
-    return mine.sort_values("_start").drop_duplicates("_seed", keep="last").sort_values("_seed")
+    newest = mine.sort_values("_start").drop_duplicates("_seed", keep="last")
+    return newest.sort_values("_seed", key=lambda s: pd.to_numeric(s, errors="coerce"))
 
 
 def make_cell(row: Row, column: Column, runs: pd.DataFrame) -> dict[str, Any]:
@@ -225,6 +226,8 @@ def to_csv(report: Report) -> str:
 
 def to_latex(frame: pd.DataFrame, caption: str, label: str) -> str:
     """A booktabs tabular; ± and Δ become math."""
+    for char in "&%$#_{}":  # pandas escapes the cells, not the caption
+        caption = caption.replace(char, "\\" + char)
     text = frame.to_latex(index=False, escape=True, caption=caption, label=f"tab:{label}")
     return text.replace("±", r"$\pm$").replace("Δ", r"$\Delta$")
 

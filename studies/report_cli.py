@@ -33,7 +33,11 @@ FIGURES = {"fig1": "SHIKE Fig. 1: best branch per class of a ResNet-32 (`branche
            "fig3": "SHIKE Fig. 3: per-expert per-class accuracy of a SHIKE run; classes won per group",
            "fig4": "SHIKE Fig. 4: hardest-negative probability, plain vs SHIKE"}
 TABLE_FIGURES = {"table4": ("fig3", "fig4")}  # figures drawn from a table's own runs
-err = Console(stderr=True, highlight=False)
+
+
+def note(text: str) -> None:
+    """A line for the user on stderr, so stdout carries only the table (csv, md, ...) or the figure path."""
+    print(text, file=sys.stderr)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -59,7 +63,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _common_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--experiment", default=None, help="MLflow experiment (default: see `harness report -h`)")
+    parser.add_argument("--experiment", default=None,
+                        help="MLflow experiment (default: the newest <table>-* one; all for Tables 1-2 and figures)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite in ./runs)")
     parser.add_argument("--no-log", action="store_true", help="do not log anything back to MLflow")
 
@@ -107,8 +112,9 @@ def report_table(args: argparse.Namespace) -> int:
         print_rich(report, searched)
     else:
         sys.stdout.write(render(report, args.format))
+        sys.stdout.flush()  # the table before any note on stderr
         if args.format == "csv":
-            err.print("\n".join(footer(report)))
+            note("\n".join(footer(report)))
     if args.out:
         Path(args.out).write_text(render(report, "md" if args.format == "rich" else args.format))
     parent = newest_parent(runs, table)
@@ -118,9 +124,9 @@ def report_table(args: argparse.Namespace) -> int:
         for name in TABLE_FIGURES.get(table.name, ()):
             try:
                 path = FIGURE_MAKERS[name](tracker, runs, None, None, not args.no_log)
-                err.print(f"{name}: {path}")
+                note(f"{name}: {path}")
             except HarnessError as error:
-                err.print(f"{name}: not drawn ({error})")
+                note(f"{name}: not drawn ({error})")
     return 0
 
 
@@ -129,7 +135,7 @@ def _log_table(tracker: Tracker, parent: str, report: Report, fmt: str) -> None:
     suffix = {"md": "md", "csv": "csv", "latex": "tex", "html": "html"}
     for kind in dict.fromkeys(("md", "csv", fmt if fmt != "rich" else "md")):
         tracker.log_text(parent, render(report, kind), f"report/{report.table.name}.{suffix[kind]}")
-    err.print(f"logged report/{report.table.name}.md and .csv to parent run {parent}")
+    note(f"logged report/{report.table.name}.md and .csv to parent run {parent}")
 
 
 # Figures ------------------------------------------------------------------------------------------------------
@@ -198,8 +204,8 @@ def make_fig3(tracker: Tracker, runs: pd.DataFrame, run_id: str | None, out: str
 def make_fig4(tracker: Tracker, runs: pd.DataFrame, run_id: str | None, out: str | None, log: bool) -> Path:
     shike = _one(shike_runs(runs), run_id, "SHIKE (experts > 1)")
     plain = _preferred(_finished(runs, "plain"), "plain")
-    same_study = plain[(plain["experiment_id"] == shike["experiment_id"]) &
-                       (plain["params.train.seed"] == shike["params.train.seed"])]
+    seeds = plain.get("params.train.seed", pd.Series(dtype=object))
+    same_study = plain[(plain["experiment_id"] == shike["experiment_id"]) & (seeds == shike.get("params.train.seed"))]
     single = _one(same_study if len(same_study) else plain, None, "plain")
     probabilities = {f"plain ({single.get('tags.mlflow.runName')})":
                      tracker.load_arrays(single["run_id"], "eval_details.npz")["hardest_negative_prob"],

@@ -60,37 +60,6 @@ SPACES: dict[str, dict[str, Param]] = {
 DEFAULT_SPACE: dict[str, tuple[str, ...]] = {"shike": ("alpha", "beta")}
 
 
-def parse_space(method: str, text: str) -> dict[str, Param]:
-    """`alpha,beta` (named ranges of SPACES) or `name=low:high[:log]` entries; checked against the builder."""
-    entries = [e.strip() for e in text.split(",") if e.strip()] or list(DEFAULT_SPACE.get(method, ()))
-    switches = builder_defaults(METHODS.get(method))
-    numeric = [k for k, v in switches.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    space = dict(_parse_entry(method, entry) for entry in entries)
-    for name, param in space.items():
-        if name not in numeric:
-            raise HarnessError(f"--space: '{name}' is not a numeric switch of '{method}'; those are: "
-                               f"{', '.join(numeric)}")
-        if not param.low < param.high or (param.log and param.low <= 0):
-            raise HarnessError(f"--space: bad range for '{name}': {param}")
-    if not space:
-        raise HarnessError(f"no search space for method '{method}'; pass --space name=low:high[:log],...")
-    return space
-
-
-def _parse_entry(method: str, entry: str) -> tuple[str, Param]:
-    name, sep, spec = entry.partition("=")
-    if not sep:
-        if name not in SPACES.get(method, {}):
-            raise HarnessError(f"--space: no named range for '{name}' of '{method}' (named: "
-                               f"{', '.join(SPACES.get(method, {})) or 'none'}); write {name}=low:high[:log]")
-        return name, SPACES[method][name]
-    parts = spec.split(":")
-    try:
-        return name, Param(float(parts[0]), float(parts[1]), parts[2:] == ["log"])
-    except (ValueError, IndexError):
-        raise HarnessError(f"--space entry '{entry}': expected name=low:high or name=low:high:log") from None
-
-
 @dataclass(frozen=True)
 class TunePlan:
     """Everything a worker needs (picklable for spawned processes)."""
@@ -109,8 +78,10 @@ class TunePlan:
     workers: int = 1
     timeout_s: float | None = None
     startup_trials: int = 5
-    warmup_steps: int = 1
+    prune_warmup: int | None = None  # epochs before pruning may act; None: half the representation stage
+    prune_percentile: float = 25.0  # prune a trial below this percentile of the others at the same epoch
     first_trial: int = 0  # trials in the study when this invocation started (varies the sampler seeds)
+    launcher: int = 0  # 0, or this process's id where other invocations work on the study at the same time
     deadline: float | None = field(default=None, compare=False)
 
     def config(self, params: Mapping[str, float], refit: bool = False) -> RunConfig:
@@ -146,9 +117,10 @@ def open_storage(url: str, on_stale: Callable[[optuna.Study, FrozenTrial], None]
     engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     for attempt in range(4):
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
-                                              grace_period=GRACE_S,
-                                              heartbeat_stale_trial_callback=on_stale)
+            with warnings.catch_warnings():  # heartbeats are "experimental" since 2.9; said once per process is noise
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S,
+                                                  grace_period=GRACE_S, heartbeat_stale_trial_callback=on_stale)
         except Exception as error:  # sqlalchemy's errors differ per backend; the last attempt reports it
             if attempt == 3:
                 raise HarnessError(f"cannot open the Optuna storage {url}: {error}") from error
@@ -158,13 +130,16 @@ def open_storage(url: str, on_stale: Callable[[optuna.Study, FrozenTrial], None]
 
 def make_sampler(plan: TunePlan, worker: int) -> optuna.samplers.TPESampler:
     """Seeded TPE; each worker of each invocation gets its own seed so they do not propose the same points."""
-    seed = derive_seed(plan.sampler_seed, plan.first_trial, worker) % 2**32
+    seed = derive_seed(plan.sampler_seed, plan.first_trial, plan.launcher, worker) % 2**32
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=plan.startup_trials, constant_liar=True)
 
 
 def load_study(plan: TunePlan, storage: optuna.storages.BaseStorage, worker: int = 0) -> optuna.Study:
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=min(plan.startup_trials, 3),
-                                         n_warmup_steps=plan.warmup_steps)
+    # Early validation accuracy of a long-tailed run is noise around chance (a trial at chance after two of eight
+    # epochs can end best), so pruning waits half the representation stage and only drops the bottom quartile.
+    warmup = plan.prune_warmup if plan.prune_warmup is not None else plan.config({}).train.epochs // 2
+    pruner = optuna.pruners.PercentilePruner(plan.prune_percentile, n_startup_trials=plan.startup_trials,
+                                             n_warmup_steps=warmup)
     return optuna.load_study(study_name=plan.study, storage=storage, sampler=make_sampler(plan, worker),
                              pruner=pruner)
 
@@ -180,7 +155,11 @@ def ensure_study(plan: TunePlan, tracker: Tracker, storage: optuna.storages.Base
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(study_name=plan.study, storage=storage)
         _check_signature(plan, study)
-        plan = replace(plan, experiment=study.user_attrs.get("experiment", plan.experiment))
+        # Joining a study that another invocation has just created or is running: its seeds must differ from
+        # that one's (same trial count), so they come from this process; a plain rerun stays reproducible.
+        busy = not study.trials or any(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False))
+        plan = replace(plan, experiment=study.user_attrs.get("experiment", plan.experiment),
+                       launcher=os.getpid() if busy else 0)
         parent = _wait_for(lambda: study.user_attrs.get(PARENT_ATTR), 30.0)  # the creator is writing it
     else:
         parent = None

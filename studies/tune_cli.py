@@ -16,12 +16,24 @@ from rich.console import Console
 from rich.table import Table
 
 from harness.commands.options import add_data_options, check_dataset
-from harness.config import PRESETS, parse_assignments
+from harness.config import PRESETS, builder_defaults, parse_assignments
 from harness.errors import HarnessError
 from harness.progress import make_progress
 from harness.runner import Run, RunResult
 from harness.tracking import Tracker, runs_dir
-from studies.tune import OBJECTIVE, Study, TunePlan, default_storage, open_existing, parse_space, save_plots, tune
+from methods import METHODS
+from studies.tune import (
+    DEFAULT_SPACE,
+    OBJECTIVE,
+    SPACES,
+    Param,
+    Study,
+    TunePlan,
+    default_storage,
+    open_existing,
+    save_plots,
+    tune,
+)
 
 
 def _positive(text: str) -> int:
@@ -47,7 +59,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="retrain the best switches on the full training split and evaluate the test set once")
     parser.add_argument("--seed", type=int, default=0, help="training seed of every trial")
     parser.add_argument("--sampler-seed", type=int, default=0, help="TPE seed (each worker derives its own)")
-    parser.add_argument("--startup-trials", type=_positive, default=5, help="random trials before TPE models")
+    parser.add_argument("--startup-trials", type=_positive, default=5,
+                        help="random trials before TPE models them, and complete trials before pruning (default 5)")
+    parser.add_argument("--prune-warmup", type=int, default=None,
+                        help="epochs before a trial may be pruned (default: half the representation stage)")
     parser.add_argument("--preset", default="shike-code", choices=sorted(PRESETS), help="settings source")
     parser.add_argument("--epochs", default=None, help="E1+E2 (stage epochs) or E (E + ceil(E/9))")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -67,6 +82,37 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="also write trials.csv, best_params.* and the plots here")
 
 
+def parse_space(method: str, text: str) -> dict[str, Param]:
+    """`alpha,beta` (named ranges of SPACES) or `name=low:high[:log]` entries; checked against the builder."""
+    entries = [e.strip() for e in text.split(",") if e.strip()] or list(DEFAULT_SPACE.get(method, ()))
+    switches = builder_defaults(METHODS.get(method))
+    numeric = [k for k, v in switches.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    space = dict(_parse_entry(method, entry) for entry in entries)
+    for name, param in space.items():
+        if name not in numeric:
+            raise HarnessError(f"--space: '{name}' is not a numeric switch of '{method}'; those are: "
+                               f"{', '.join(numeric)}")
+        if not param.low < param.high or (param.log and param.low <= 0):
+            raise HarnessError(f"--space: bad range for '{name}': {param}")
+    if not space:
+        raise HarnessError(f"no search space for method '{method}'; pass --space name=low:high[:log],...")
+    return space
+
+
+def _parse_entry(method: str, entry: str) -> tuple[str, Param]:
+    name, sep, spec = entry.partition("=")
+    if not sep:
+        if name not in SPACES.get(method, {}):
+            raise HarnessError(f"--space: no named range for '{name}' of '{method}' (named: "
+                               f"{', '.join(SPACES.get(method, {})) or 'none'}); write {name}=low:high[:log]")
+        return name, SPACES[method][name]
+    parts = spec.split(":")
+    try:
+        return name, Param(float(parts[0]), float(parts[1]), parts[2:] == ["log"])
+    except (ValueError, IndexError):
+        raise HarnessError(f"--space entry '{entry}': expected name=low:high or name=low:high:log") from None
+
+
 def build_plan(args: argparse.Namespace) -> TunePlan:
     """Translate `harness tune` options into a plan; the base config is resolved once here to fail early."""
     space = parse_space(args.method, args.space)
@@ -81,7 +127,7 @@ def build_plan(args: argparse.Namespace) -> TunePlan:
                     experiment=args.experiment or f"tune-{study}", method=args.method, space=space, cli=cli,
                     val_per_class=args.val_per_class, seed=args.seed, sampler_seed=args.sampler_seed,
                     n_trials=args.trials, workers=args.workers, timeout_s=args.timeout,
-                    startup_trials=args.startup_trials)
+                    startup_trials=args.startup_trials, prune_warmup=args.prune_warmup)
     plan.config({})
     return plan
 

@@ -15,12 +15,12 @@ from harness.cli import main
 from harness.errors import HarnessError
 from harness.runner import RunResult
 from harness.tracking import Tracker
-from studies.tune import PARENT_ATTR, Claims, Param, TunePlan, default_storage, parse_space
-from studies.tune_cli import add_study_arguments, report_study
+from studies.tune import PARENT_ATTR, Claims, Param, TunePlan, default_storage
+from studies.tune_cli import add_study_arguments, parse_space, report_study
 
 TINY = ["data.n_max=50", "data.test_per_class=5", "data.augment=none"]
 CLI = ["--dataset", "fmnistlt", "--if", "10", "--epochs", "1+1", "--val-per-class", "5", "--device", "cpu",
-       "--startup-trials", "2"] + [arg for item in TINY for arg in ("--set", item)]
+       "--startup-trials", "2", "--prune-warmup", "1"] + [arg for item in TINY for arg in ("--set", item)]
 
 
 class FakeRun:
@@ -71,7 +71,7 @@ def make_plan(n_trials: int, **changes) -> TunePlan:
            "device": "cpu", "preset": "shike-code", "overrides": list(TINY)}
     plan = TunePlan(study="s", storage=default_storage(tracking), tracking_uri=tracking, experiment="tune-s",
                     method="shike", space=parse_space("shike", ""), cli=cli, val_per_class=5, n_trials=n_trials,
-                    startup_trials=2)
+                    startup_trials=2, prune_warmup=1)
     return TunePlan(**{**plan.__dict__, **changes})
 
 
@@ -117,7 +117,15 @@ def test_failing_and_non_finite_trials_are_recorded_and_the_study_goes_on(harnes
     assert children.loc["2", "tags.trial_state"] == "PRUNED"
 
 
-def test_pruner_stops_a_trial_below_the_median_but_never_at_the_end(harness_home, fake_run):
+def test_pruned_trials_stop_early_and_count(harness_home, fake_run):
+    _, study, _, _ = tune_mod.tune(make_plan(8, prune_warmup=0))
+    pruned = [t for t in study.trials if t.state.name == "PRUNED"]
+    assert len(study.trials) == 8 and pruned and all(list(t.intermediate_values) == [0] for t in pruned)
+    complete = sorted(t.value for t in study.trials if t.state.name == "COMPLETE")
+    assert all(t.intermediate_values[0] < complete[-1] for t in pruned)
+
+
+def test_prune_reporter_never_prunes_the_final_evaluation():
     class Trial:
         def __init__(self, prune):
             self.reports, self.prune = [], prune
