@@ -53,9 +53,9 @@ class TrainConfig:
     amp: bool = True  # autocast on CUDA only (official: fp16 AMP)
     deterministic: bool = False
     fast_path: str = "auto"  # auto: device-resident batched augmentation on CUDA, reference DataLoader on CPU
-    compile: str = "off"  # off | default | reduce-overhead (CUDA graphs) | max-autotune: torch.compile the loss step
+    compile: str = "auto"  # auto (reduce-overhead on CUDA, off on CPU) | off | default | reduce-overhead | max-autotune
     num_workers: int = 0
-    checkpoint_interval: int = 1  # epochs between atomic checkpoints (and always at the end of a stage)
+    checkpoint_interval: int = 0  # epochs between atomic checkpoints (+ end of each stage); 0: 1 on CPU, 10 on CUDA
     channels_last: bool = True  # NHWC convolutions: ~25% faster steps on this CPU; tensor-core friendly on CUDA
 
 

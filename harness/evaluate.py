@@ -32,22 +32,45 @@ def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(model: LTModel, split: Split, mean, std, device: torch.device, batch_size: int = 500,
+def predict(model: LTModel, split: Split, mean, std, device: torch.device, batch_size: int = 0,
             autocast: bool = False) -> Predictions:
-    """Forward the whole split in eval mode (BN running statistics), restoring the model's mode afterwards."""
+    """Forward the whole split in eval mode (BN running statistics), restoring the model's mode afterwards.
+
+    The split may already live on `device` (the fast path keeps it there); results stay on `device` too, so a
+    per-epoch evaluation costs one host read (see `quick_metrics`). Batches: 2,000 on CUDA, 500 on CPU."""
+    batch_size = batch_size or (2000 if device.type == "cuda" else 500)
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     was_training = model.training
     model.eval()
     logits, experts = [], []
     try:
+        images = split.images.to(device, non_blocking=True)
         for start in range(0, len(split), batch_size):
-            x = normalize(split.images[start:start + batch_size].to(device), mean, std)
+            x = normalize(images[start:start + batch_size], mean, std).contiguous(memory_format=memory_format)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 out = model(x)
             logits.append(out.logits.float())
             experts.append(out.expert_logits.float())
     finally:
         model.train(was_training)
-    return Predictions(torch.cat(logits).cpu(), torch.cat(experts, dim=1).cpu(), split.labels.clone())
+    return Predictions(torch.cat(logits), torch.cat(experts, dim=1), split.labels.to(device))
+
+
+def quick_metrics(preds: Predictions, class_counts: tuple[int, ...] | list[int]) -> dict[str, float]:
+    """top-1 and many/medium/few on the predictions' device with a single host read (per-epoch evaluation)."""
+    num_classes = len(class_counts)
+    labels = preds.labels
+    correct = (preds.logits.argmax(dim=1) == labels).float()
+    hits = torch.zeros(num_classes, device=labels.device).index_add_(0, labels, correct)
+    totals = torch.zeros(num_classes, device=labels.device).index_add_(0, labels, torch.ones_like(correct))
+    per_class = hits / totals.clamp(min=1)
+    groups = shot_groups(class_counts)
+    parts = [correct.mean(), per_class.mean()] + [
+        per_class[torch.tensor(c, device=labels.device)].mean() if c else torch.tensor(float("nan"),
+                                                                                    device=labels.device)
+        for c in groups.values()]
+    values = (100.0 * torch.stack(parts)).tolist()
+    return dict(zip(["top1", "balanced_acc", *groups], values))
 
 
 def per_class_accuracy(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> np.ndarray:
@@ -79,6 +102,7 @@ def hardest_negative_probability(probs: torch.Tensor, labels: torch.Tensor) -> t
 def summarize(preds: Predictions, class_counts: tuple[int, ...] | list[int]) -> tuple[dict[str, float], dict]:
     """Scalar metrics (percent for accuracies) and per-class / per-expert details for artifacts and figures."""
     num_classes = len(class_counts)
+    preds = Predictions(preds.logits.cpu(), preds.expert_logits.cpu(), preds.labels.cpu())
     labels = preds.labels
     probs = F.softmax(preds.logits, dim=1)
     pred = preds.logits.argmax(dim=1)

@@ -55,7 +55,8 @@ class DeviceFeeder:
     def epoch(self, seed: int) -> Iterator[Batch]:
         self.generator.manual_seed(seed)
         order = torch.randperm(len(self.labels), device=self.device, generator=self.generator)
-        images = self.augment(self.images[order], self.generator)
+        # channels_last once per epoch, so the per-step batches are already in the model's memory format
+        images = self.augment(self.images[order], self.generator).contiguous(memory_format=torch.channels_last)
         labels = self.labels[order]
         for start in range(0, len(labels), self.batch_size):
             yield images[start:start + self.batch_size], labels[start:start + self.batch_size]

@@ -20,12 +20,12 @@ from typing import Any
 import torch
 
 from datasets import DATASETS
-from datasets._api import LTData
+from datasets._api import LTData, Split
 from harness import __version__
 from harness.checkpoint import load_json, save_json
 from harness.config import RunConfig, flatten
 from harness.errors import HarnessError
-from harness.evaluate import predict, summarize
+from harness.evaluate import predict, quick_metrics, summarize
 from harness.feeders import make_feeder
 from harness.progress import RunProgress
 from harness.seeding import seed_everything, set_deterministic
@@ -96,18 +96,27 @@ def checkpoint_dir(experiment: str, run_name: str, cfg: RunConfig) -> Path:
     return runs_dir() / "checkpoints" / safe / f"{run_name}-{config_hash(cfg)}"
 
 
-class _EpochLogger:
-    """Per-epoch hook: log losses and lr, and evaluate test (and val) every `eval_interval` epochs."""
+def _to_device(split: Split, device: torch.device) -> Split:
+    return Split(split.images.to(device), split.labels.to(device))
 
-    def __init__(self, run: Run, total_epochs: int, on_eval: EvalCallback | None) -> None:
-        self.run, self.total, self.on_eval = run, total_epochs, on_eval
+
+class _EpochLogger:
+    """Per-epoch hook: buffer losses and lr, and evaluate every `eval_interval` epochs (logged, never selected).
+    The buffer goes to MLflow in one batch when a checkpoint is written, so logged history and checkpoint agree."""
+
+    def __init__(self, run: Run, total_epochs: int) -> None:
+        self.run, self.total = run, total_epochs
+        self.rows: list[tuple[int, dict[str, float]]] = []
 
     def __call__(self, epoch: int, metrics: dict[str, float]) -> None:
-        self.run.tracker.log_metrics(self.run.run_id, metrics, step=epoch)
+        self.rows.append((epoch, dict(metrics)))
         interval = self.run.cfg.train.eval_interval
-        last = epoch + 1 == self.total
-        if interval > 0 and (epoch + 1) % interval == 0 and not last:
-            self.run.tracker.log_metrics(self.run.run_id, self.run.evaluate(full=False, epoch=epoch), step=epoch)
+        if interval > 0 and (epoch + 1) % interval == 0 and epoch + 1 != self.total:
+            self.rows.append((epoch, self.run.evaluate(full=False, epoch=epoch)))
+
+    def flush(self) -> None:
+        self.run.tracker.log_metric_rows(self.run.run_id, self.rows)
+        self.rows = []
 
 
 class Run:
@@ -126,26 +135,34 @@ class Run:
         set_deterministic(self.cfg.train.deterministic)
         self.device = resolve_device(self.cfg.train.device)
         self.data = build_data(self.cfg)
+        # Evaluation splits live on the device for the whole run (the fast path's "test evaluation on the device").
+        on_device = self.device.type == "cuda"
+        self.test_split = _to_device(self.data.test, self.device) if on_device else self.data.test
+        self.val_split = None if self.data.val is None else (
+            _to_device(self.data.val, self.device) if on_device else self.data.val)
         seed_everything(self.cfg.train.seed)  # model init does not depend on how the data was built
         self.spec = build_method(self.cfg, self.data)
 
     def evaluate(self, full: bool, epoch: int | None = None) -> dict[str, float]:
+        """Test (unless train.eval_test is off, as in tuning trials) and validation metrics. `full` adds every
+        evaluator figure and keeps the per-class details; otherwise one host read per split (per-epoch use)."""
         autocast = self.cfg.train.amp and self.device.type == "cuda"
         data = self.data
-        out: dict[str, float] = {}
-        if self.cfg.train.eval_test:
-            preds = predict(self.spec.model, data.test, data.mean, data.std, self.device, autocast=autocast)
-            metrics, details = summarize(preds, data.class_counts)
-            keys = metrics if full else ("top1", "many", "medium", "few")
-            out = {f"test/{k}": metrics[k] for k in keys}
-        elif data.val is None:
+        if not self.cfg.train.eval_test and data.val is None:
             raise HarnessError("train.eval_test=false needs a validation split (set data.val_per_class > 0)")
-        if data.val is not None:
-            val_preds = predict(self.spec.model, data.val, data.mean, data.std, self.device, autocast=autocast)
-            val_metrics, val_details = summarize(val_preds, data.class_counts)
-            out.update({f"val/{k}": val_metrics[k] for k in ("top1", "balanced_acc")})
-            if not self.cfg.train.eval_test:  # tuning trial: per-class details come from the validation split
-                details = val_details
+        out: dict[str, float] = {}
+        details = None
+        for name, split in (("test", self.test_split), ("val", self.val_split)):
+            if split is None or (name == "test" and not self.cfg.train.eval_test):
+                continue
+            preds = predict(self.spec.model, split, data.mean, data.std, self.device, autocast=autocast)
+            if full:
+                metrics, split_details = summarize(preds, data.class_counts)
+                details = details if details is not None else split_details  # test first; val in tuning trials
+            else:
+                metrics = quick_metrics(preds, data.class_counts)
+            keys = metrics if (full and name == "test") else ("top1", "balanced_acc", "many", "medium", "few")
+            out.update({f"{name}/{k}": metrics[k] for k in keys})
         if self.on_eval is not None:
             self.on_eval(epoch if epoch is not None else -1, out)
         if full:
@@ -163,10 +180,17 @@ class Run:
         else:
             self.run_id = self.tracker.start(self.experiment, self.name, tags, self.parent_run_id)
         self.tracker.set_tags(self.run_id, tags)
-        self.tracker.log_params(self.run_id, flatten(self.cfg))
+        self.tracker.log_params(self.run_id, {**flatten(self.cfg), **self.component_params()})
         self.tracker.log_json(self.run_id, {"config": asdict(self.cfg), "environment": environment(self.device),
                                             "manifest_hash": self.data.manifest_hash}, "config.json")
         self.tracker.log_json(self.run_id, self.data.manifest, "manifest.json")
+
+    def component_params(self) -> dict[str, object]:
+        """The same keys for every method: model.* facts and each stage's weighted loss terms."""
+        params: dict[str, object] = {f"model.{k}": v for k, v in self.spec.model.architecture().items()}
+        for stage in self.spec.stages:
+            params[f"loss.{stage.name}"] = " + ".join(f"{t.weight:g}*{t.name}" for t in stage.losses)
+        return params
 
     def log_final(self, metrics: dict[str, float], wall: float, total_epochs: int) -> None:
         self.tracker.log_metrics(self.run_id, {**metrics, "wall_time_s": wall}, step=total_epochs)
@@ -191,13 +215,14 @@ class Run:
         started = time.perf_counter() - (resume_state or {}).get("elapsed_s", 0.0)
         trainer = Trainer(self.spec, self.cfg, self._feeder(), self.device, self.folder / "checkpoint.pt",
                           progress=None)
-        trainer.on_epoch = self._on_epoch(trainer, started)
+        self._hooks(trainer, started)
         reporter = RunProgress(progress, self.name, trainer.total_epochs * len(trainer.feeder)) if progress else None
         trainer.progress = reporter
         try:
             trainer.fit(resume=resume_state is not None)
             metrics = self.evaluate(full=True, epoch=trainer.total_epochs)
         except BaseException as error:
+            self._logger.flush()  # what the run did before it stopped stays visible
             self.tracker.end(self.run_id, "FAILED" if isinstance(error, Exception) else "KILLED")
             raise
         wall = time.perf_counter() - started
@@ -215,12 +240,13 @@ class Run:
         return make_feeder(d.train, d.mean, d.std, self.cfg.data.augment, self.cfg.optim.batch_size, self.device,
                            t.fast_path, t.num_workers)
 
-    def _on_epoch(self, trainer: Trainer, started: float) -> Callable[[int, dict[str, float]], None]:
-        logger = _EpochLogger(self, trainer.total_epochs, self.on_eval)
+    def _hooks(self, trainer: Trainer, started: float) -> None:
+        logger = _EpochLogger(self, trainer.total_epochs)
 
-        def hook(epoch: int, metrics: dict[str, float]) -> None:
-            logger(epoch, metrics)
+        def checkpointed() -> None:
+            logger.flush()
             elapsed = time.perf_counter() - started
             save_json(self.folder / "state.json", {"run_id": self.run_id, "finished": False, "elapsed_s": elapsed})
 
-        return hook
+        trainer.on_epoch, trainer.on_checkpoint = logger, checkpointed
+        self._logger = logger

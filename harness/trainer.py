@@ -8,6 +8,7 @@ A checkpoint is written atomically after every epoch; `resume` continues from it
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from harness.schedules import stage_lr
 from harness.seeding import derive_seed
 from methods._api import MethodSpec, Stage
 
+log = logging.getLogger(__name__)
 EpochHook = Callable[[int, dict[str, float]], None]  # (global epoch, metrics) -> None
 
 
@@ -65,7 +67,22 @@ def enter_stage(spec: MethodSpec, stage: Stage, cfg: RunConfig) -> torch.optim.O
             p.requires_grad_(name in stage.trainable)
     trainable = [p for name in stage.trainable for p in groups[name]]
     o = cfg.optim
-    return torch.optim.SGD(trainable, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    fused = trainable[0].device.type == "cuda"  # one optimizer kernel per step on CUDA; foreach on CPU
+    return torch.optim.SGD(trainable, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                           fused=fused or None, foreach=None if fused else True)
+
+
+def compile_mode(setting: str, device: torch.device) -> str | None:
+    """`train.compile` -> a torch.compile mode or None (eager). auto: CUDA graphs on CUDA, where per-step kernel
+    launches dominate at batch 128 (performance-anchors.md section 3.3); eager on CPU, where compute dominates."""
+    if setting == "auto":
+        return "reduce-overhead" if device.type == "cuda" else None
+    if setting == "off":
+        return None
+    if setting not in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
+        raise HarnessError(f"unknown train.compile '{setting}'; known: auto, off, default, reduce-overhead, "
+                           "max-autotune, max-autotune-no-cudagraphs")
+    return setting
 
 
 def set_train_mode(model: nn.Module, freeze_bn: bool) -> None:
@@ -91,9 +108,12 @@ class Trainer:
         self.stages = plan(spec, cfg)
         self.total_epochs = sum(s.epochs for s in self.stages)
         self.loss_step = self.forward_losses
-        if cfg.train.compile != "off":
+        mode = compile_mode(cfg.train.compile, device)
+        if mode is not None:
             # dynamic=False: a full batch and the smaller last batch give two static graphs, no shape guards.
-            self.loss_step = torch.compile(self.forward_losses, mode=cfg.train.compile, dynamic=False)
+            self.loss_step = torch.compile(self.forward_losses, mode=mode, dynamic=False)
+        self.checkpoint_interval = cfg.train.checkpoint_interval or (10 if device.type == "cuda" else 1)
+        self.on_checkpoint: Callable[[], None] | None = None
 
     def forward_losses(self, stage_index: int, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Forward pass and every loss term of the stage: returns (term values..., weighted total) stacked.
@@ -104,13 +124,22 @@ class Trainer:
             out = self.spec.model(images)
         out.logits, out.expert_logits = out.logits.float(), out.expert_logits.float()
         values = [term.fn(out, labels) for term in stage.losses]
-        total = sum(term.weight * value for term, value in zip(stage.losses, values))
+        total = values[0] * stage.losses[0].weight
+        for term, value in zip(stage.losses[1:], values[1:]):
+            total = total + term.weight * value
         return torch.stack([*values, total])
 
     def step(self, stage_index: int, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
              sums: torch.Tensor) -> None:
-        values = self.loss_step(stage_index, images, labels)
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)  # before the forward: old gradients are not alive during it
+        try:
+            values = self.loss_step(stage_index, images, labels)
+        except Exception as error:  # "torch.compile where it works": a failed compile falls back to eager
+            if self.loss_step == self.forward_losses:
+                raise
+            log.warning("torch.compile failed (%s: %s); continuing in eager mode", type(error).__name__, error)
+            self.loss_step = self.forward_losses
+            values = self.loss_step(stage_index, images, labels)
         values[-1].backward()
         optimizer.step()
         sums += values.detach() * len(labels)
@@ -153,8 +182,7 @@ class Trainer:
                 metrics = self.run_epoch(run, optimizer, epoch)
                 if self.on_epoch is not None:
                     self.on_epoch(run.first_global_epoch + epoch, metrics)
-                interval = max(self.cfg.train.checkpoint_interval, 1)
-                if (epoch + 1) % interval == 0 or epoch + 1 == run.epochs:
+                if (epoch + 1) % self.checkpoint_interval == 0 or epoch + 1 == run.epochs:
                     self.save(run.index, epoch + 1, optimizer)
                 if self.progress is not None:
                     self.progress.end_epoch(metrics)
@@ -164,3 +192,5 @@ class Trainer:
             return
         save_checkpoint(self.checkpoint_path, {"model": self.spec.model.state_dict(), "stage": stage_index,
                                                "epoch": next_epoch, "optimizer": optimizer.state_dict()})
+        if self.on_checkpoint is not None:
+            self.on_checkpoint()

@@ -36,6 +36,11 @@ class LTModel(nn.Module):
             raise ValueError(f"model has no head group '{name}'")
         self.active_head = name
 
+    def architecture(self) -> dict[str, object]:
+        """Facts logged as `model.*` params for every method alike (experts, dkf, ...), so MLflow's compare view
+        lines runs of different methods up on the same keys."""
+        return {}
+
     def inference_parameter_count(self) -> int:
         """Parameters used at inference: everything except the head groups not active."""
         groups = self.parameter_groups()

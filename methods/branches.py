@@ -49,6 +49,11 @@ class BranchResNet(LTModel):
         # As in SHIKE's model, the aligner convs keep PyTorch's default init (built after init_weights).
         self.aligners = nn.ModuleList(ShallowAligner(s, align_relu) for s in self.shallow)
 
+    def architecture(self) -> dict[str, object]:
+        sources = ",".join(f"layer{s}" for s in self.shallow)
+        return {"experts": self.num_experts, "dkf": False, "dkf_sources": f"branches:{sources},layer3",
+                "head": type(self.heads[0]).__name__}
+
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         trunk = (self.stem, self.layer1, self.layer2, self.layer3, self.aligners)
         return {"backbone": [p for m in trunk for p in m.parameters()], "head": list(self.heads.parameters()),

@@ -79,9 +79,10 @@ def grand_teacher(expert_logits: torch.Tensor, target: torch.Tensor) -> tuple[to
     """
     z_bar = expert_logits.mean(dim=0)
     z_hat = expert_logits.max(dim=0).values  # like torch.max in the official code: gradient to the argmax expert
-    target_mask = F.one_hot(target, z_bar.shape[-1]).bool()
+    classes = torch.arange(z_bar.shape[-1], device=z_bar.device)
+    target_mask = target[:, None] == classes  # not F.one_hot: it checks the range on the host (a sync per call)
     hardest = z_bar.detach().masked_fill(target_mask, float("-inf")).argmax(dim=-1)
-    hardest_mask = F.one_hot(hardest, z_bar.shape[-1]).bool()
+    hardest_mask = hardest[:, None] == classes
     return torch.where(hardest_mask, z_bar, z_hat), target_mask
 
 

@@ -43,8 +43,8 @@ def note(text: str) -> None:
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("report", help="the paper's tables and figures from MLflow runs")
     kinds = parser.add_subparsers(dest="what", required=True)
-    for name, table in TABLES.items():
-        sub = kinds.add_parser(name, help=table.title)
+    for name, table in sorted(TABLES.items()):
+        sub = kinds.add_parser(name, help=table.title.replace("%", "%%"))  # argparse formats help with %
         _common_options(sub)
         sub.add_argument("--format", default="rich", choices=("rich", *FORMATS),
                          help="rich (terminal, default), md, csv (one line per cell), latex or html")
@@ -89,8 +89,7 @@ def experiments_for(tracker: Tracker, table_name: str | None, chosen: str | None
 def print_rich(report: Report, searched: list[str] | None) -> None:
     frame = display_frame(report)
     where = ", ".join(searched) if searched else "all experiments"
-    table = Table(title=f"{report.table.title}\n[dim]runs from {where}[/dim]", caption="\n".join(footer(report)),
-                  caption_justify="left")
+    table = Table(title=f"{report.table.title}\n[dim]runs from {where}[/dim]")
     for column in frame.columns:
         table.add_column(str(column), justify="left" if column in ("Method", "Year") else "right")
     for line in frame.itertuples(index=False):
@@ -99,7 +98,10 @@ def print_rich(report: Report, searched: list[str] | None) -> None:
             table.add_row(f"[italic]{values[0].strip('*')}[/italic]", *values[1:], end_section=False)
         else:
             table.add_row(*values)
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    for line in footer(report):  # under the table, at the terminal's width rather than the table's
+        console.print(line, markup=False, highlight=False)
 
 
 def report_table(args: argparse.Namespace) -> int:

@@ -79,7 +79,7 @@ class TunePlan:
     timeout_s: float | None = None
     startup_trials: int = 5
     prune_warmup: int | None = None  # epochs before pruning may act; None: half the representation stage
-    prune_percentile: float = 25.0  # prune a trial below this percentile of the others at the same epoch
+    prune_keep: float = 75.0  # Optuna's percentile: keep trials in the top 75% at an epoch, prune the bottom 25%
     first_trial: int = 0  # trials in the study when this invocation started (varies the sampler seeds)
     launcher: int = 0  # 0, or this process's id where other invocations work on the study at the same time
     deadline: float | None = field(default=None, compare=False)
@@ -136,9 +136,9 @@ def make_sampler(plan: TunePlan, worker: int) -> optuna.samplers.TPESampler:
 
 def load_study(plan: TunePlan, storage: optuna.storages.BaseStorage, worker: int = 0) -> optuna.Study:
     # Early validation accuracy of a long-tailed run is noise around chance (a trial at chance after two of eight
-    # epochs can end best), so pruning waits half the representation stage and only drops the bottom quartile.
+    # epochs can end best), so pruning waits half the representation stage and drops the bottom quarter only.
     warmup = plan.prune_warmup if plan.prune_warmup is not None else plan.config({}).train.epochs // 2
-    pruner = optuna.pruners.PercentilePruner(plan.prune_percentile, n_startup_trials=plan.startup_trials,
+    pruner = optuna.pruners.PercentilePruner(plan.prune_keep, n_startup_trials=plan.startup_trials,
                                              n_warmup_steps=warmup)
     return optuna.load_study(study_name=plan.study, storage=storage, sampler=make_sampler(plan, worker),
                              pruner=pruner)

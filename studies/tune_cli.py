@@ -147,8 +147,8 @@ def run_tune(args: argparse.Namespace) -> int:
             print(f"worker {index} exited with code {code}; its running trial was marked FAIL, the study is usable")
     if args.refit:
         result = refit(plan, study, tracker, parent)
-        shown = ", ".join(f"{k} {v:.2f}" for k, v in result.metrics.items() if k.startswith("test/") and
-                          k.split("/")[1] in ("top1", "many", "medium", "few"))
+        shown = ", ".join(f"{k} {v:.2f}" if v == v else f"{k} - (no class in the group)" for k, v in
+                          result.metrics.items() if k.split("/")[-1] in ("top1", "many", "medium", "few"))
         print(f"refit of trial {study.best_trial.number} on the full training split (run {result.run_id[:8]}"
               f"{', already done' if result.skipped else ''}): {shown}")
     return 0 if all(code == 0 for code in codes) else 1

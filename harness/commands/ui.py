@@ -23,5 +23,7 @@ def run(args: argparse.Namespace) -> int:
            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(args.port),
                "--backend-store-uri", uri, "--workers", "1"]
-    print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port} (Ctrl-C to stop)")
+    # MLflow 3 opens experiments on its GenAI page unless asked for the classic runs table.
+    print(f"MLflow UI for {uri}: http://127.0.0.1:{args.port}/#/experiments?workflowType=machine_learning "
+          "(Ctrl-C to stop)")
     return subprocess.call(command, env=env)

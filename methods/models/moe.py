@@ -111,6 +111,11 @@ class ExpertResNet(LTModel):
         """Everything but the heads: stem, shared stages, expert stages and DKF aligners."""
         return [self.stem, self.layer1, self.layer2, self.layer3s, self.aligners]
 
+    def architecture(self) -> dict[str, object]:
+        sources = ",".join(f"layer{s}" for s in self.dkf_sources)
+        return {"experts": self.num_experts, "dkf": self.dkf, "dkf_sources": sources or "none",
+                "head": type(self.heads[0]).__name__}
+
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         groups = {
             "backbone": [p for m in self.backbone_modules() for p in m.parameters()],

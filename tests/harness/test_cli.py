@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from harness.cli import main
+from methods import METHODS
 
 TINY = ["--dataset", "fmnistlt", "--if", "100", "--epochs", "1+1", "--set", "data.test_per_class=20",
         "--set", "train.eval_interval=0"]
@@ -29,7 +30,7 @@ def run_cli(args, capsys):
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["run", "method", "--method", "nope", "--dataset", "fmnistlt"], "known methods: bsce, ce"),
+    (["run", "method", "--method", "nope", "--dataset", "fmnistlt"], "known methods: " + ", ".join(METHODS.names())),
     (["run", "method", "--method", "ce", "--dataset", "nope"], "known datasets: cifar100lt, cifar10lt, fmnistlt"),
     (["run", "method", "--method", "ce", "--dataset", "fmnistlt", "--if", "0.5"], "must be >= 1"),
     (["run", "method", "--method", "ce", "--dataset", "fmnistlt", "--set", "optim.lrr=1"], "unknown config key"),

@@ -229,6 +229,24 @@ class SyncCounter(TorchDispatchMode):
         return super().__exit__(*exc)
 
 
+SYNCING = {
+    "item": lambda x: x.sum().item(), "tolist": lambda x: x.tolist(), "bool": lambda x: bool(x.sum() > 0),
+    "float": lambda x: float(x[0]), "mask": lambda x: x[x > 0], "nonzero": lambda x: x.nonzero(),
+    "cpu": lambda x: x.cpu(), "numpy": lambda x: x.numpy(),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(SYNCING))
+def test_sync_counter_sees_every_kind_of_host_sync(kind):
+    x = torch.randn(4)
+    with SyncCounter() as counter:
+        x * 2  # device work alone is not a sync
+        assert not counter.syncs
+        SYNCING[kind](x)
+    assert sum(counter.syncs.values()) == 1
+    assert torch.Tensor.tolist.__name__ == "tolist"  # the patched methods are restored
+
+
 @pytest.mark.parametrize("variant", ["plain", "shike"])
 def test_no_host_sync_inside_a_training_step(variant):
     """Budget: 0 per step, over a whole DeviceFeeder epoch (full batches and the short last one)."""

@@ -203,3 +203,12 @@ def test_report_rich_default_and_bad_experiment(study_home, monkeypatch, capsys)
     assert "| Ours (3E) | - | not runnable | 59.70 |" in capsys.readouterr().out
     assert main(["report", "table4", "--experiment", "nope"]) == 2
     assert "no experiment 'nope'" in capsys.readouterr().err
+
+
+def test_report_help_lists_every_table_and_figure(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["report", "-h"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("table1", "table2", "table3", "table4", "table5", "fig1", "fig3", "fig4"))
+    assert "top-1 (%) on CIFAR-100-LT" in out
