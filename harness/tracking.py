@@ -148,6 +148,12 @@ class Tracker:
             import pandas as pd
 
             return pd.DataFrame()
-        mlflow.set_tracking_uri(self.uri)
-        return mlflow.search_runs(experiment_ids=ids, filter_string=filter_string, max_results=50000,
-                                  output_format="pandas")
+        previous = os.environ.get("MLFLOW_TRACKING_URI")
+        mlflow.set_tracking_uri(self.uri)  # search_runs has no uri argument; restore the global state after it
+        try:
+            return mlflow.search_runs(experiment_ids=ids, filter_string=filter_string, max_results=50000,
+                                      output_format="pandas")
+        finally:
+            mlflow.set_tracking_uri(previous)  # None resets mlflow's default
+            if previous is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)

@@ -60,6 +60,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         sub.add_argument("--run-id", default=None, help="the run to draw (fig4: the SHIKE run)")
         sub.add_argument("--out", default=None, help="folder for the PNG (default: <runs>/reports)")
         sub.set_defaults(func=report_figure, figure=name)
+    from studies.tune_cli import add_study_arguments, report_study  # the Optuna study report lives with tuning
+
+    study = kinds.add_parser("study", help="an Optuna study: best parameters, trials and plots")
+    add_study_arguments(study)
+    study.set_defaults(func=report_study)
 
 
 def _common_options(parser: argparse.ArgumentParser) -> None:

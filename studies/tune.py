@@ -1,11 +1,11 @@
 """Optuna tuning of a method's switches (SHIKE's alpha and beta): the only module that imports optuna.
 
 The objective is the final balanced accuracy on a validation split carved from the training file; trials never
-evaluate the test split (`train.eval_test=false`). A seeded TPE sampler proposes, a median pruner reads the per-epoch
-validation accuracy. The study lives in an Optuna RDB storage (SQLite next to the MLflow store by default, or any
-RDB URL shared by workers on several machines); every trial is an MLflow child run of the study's parent run, whose
-id the study keeps in its user attributes. One invocation adds exactly `n_trials` trials, whatever its worker count:
-each worker takes a claim from a counter shared by the invocation before it starts a trial.
+evaluate the test split (`train.eval_test=false`). A seeded TPE sampler proposes, a percentile pruner reads the
+per-epoch validation accuracy. The study lives in an Optuna RDB storage (SQLite next to the MLflow store, or any RDB
+URL shared by workers on several machines); every trial is an MLflow child run of the study's parent run, whose id
+the study keeps. One invocation adds exactly N trials, whatever its worker count: a worker takes a claim from a
+counter shared by the invocation before it starts a trial.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
@@ -31,7 +32,7 @@ from harness.config import RunConfig, builder_defaults, flatten
 from harness.errors import HarnessError
 from harness.runner import Run, checkpoint_dir
 from harness.seeding import derive_seed
-from harness.tracking import Tracker, runs_dir
+from harness.tracking import Tracker
 from methods import METHODS
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -41,7 +42,9 @@ Study = optuna.Study  # for annotations elsewhere, so that this stays the only m
 OBJECTIVE = "val/balanced_acc"
 PARENT_ATTR, SIGNATURE_ATTR = "mlflow_parent_run_id", "signature"
 HEARTBEAT_S, GRACE_S = 20, 120  # a trial whose worker stopped beating for GRACE_S is marked FAIL by the next worker
-MACHINE_KEYS = ("train.device", "train.num_workers", "train.fast_path", "data.data_root", "data.download")
+# How and where a trial runs, not what it computes: machines (and harness versions) may differ in these.
+MACHINE_KEYS = ("train.device", "train.num_workers", "train.fast_path", "train.compile", "train.channels_last",
+                "train.checkpoint_interval", "data.data_root", "data.download")
 
 
 @dataclass(frozen=True)
@@ -103,12 +106,12 @@ class TunePlan:
         return {**{k: str(v) for k, v in flat.items()}, "space": str(space), "sampler_seed": str(self.sampler_seed)}
 
 
-def default_storage(tracking_uri: str) -> str:
-    """SQLite next to the MLflow store (`<runs>/optuna.db`)."""
-    folder = Path(tracking_uri.removeprefix("sqlite:///")).parent if tracking_uri.startswith("sqlite:///") \
-        else runs_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{folder / 'optuna.db'}"
+def shown_url(url: str) -> str:
+    """A storage URL fit for logs and MLflow tags: any password masked."""
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL sqlalchemy can parse: optuna will say so when it opens it
+        return url
 
 
 def open_storage(url: str, on_stale: Callable[[optuna.Study, FrozenTrial], None] | None = None
@@ -123,7 +126,7 @@ def open_storage(url: str, on_stale: Callable[[optuna.Study, FrozenTrial], None]
                                                   grace_period=GRACE_S, heartbeat_stale_trial_callback=on_stale)
         except Exception as error:  # sqlalchemy's errors differ per backend; the last attempt reports it
             if attempt == 3:
-                raise HarnessError(f"cannot open the Optuna storage {url}: {error}") from error
+                raise HarnessError(f"cannot open the Optuna storage {shown_url(url)}: {error}") from error
             time.sleep(1 + attempt)
     raise AssertionError("unreachable")
 
@@ -164,7 +167,7 @@ def ensure_study(plan: TunePlan, tracker: Tracker, storage: optuna.storages.Base
     else:
         parent = None
     if parent is None:  # created here (or its creator died before writing it): this process makes the parent run
-        tags = {"kind": "tune", "study": plan.study, "method": plan.method, "storage": plan.storage}
+        tags = {"kind": "tune", "study": plan.study, "method": plan.method, "storage": shown_url(plan.storage)}
         parent = tracker.start(plan.experiment, plan.study, tags)
         study.set_user_attr(PARENT_ATTR, parent)
     else:
@@ -180,11 +183,14 @@ def _wait_for(get: Callable[[], Any], timeout_s: float) -> Any:
 
 
 def _check_signature(plan: TunePlan, study: optuna.Study) -> None:
-    stored = _wait_for(lambda: study.user_attrs.get(SIGNATURE_ATTR), 30.0) or {}
+    stored = _wait_for(lambda: study.user_attrs.get(SIGNATURE_ATTR), 30.0)
     ours = plan.signature()
-    diff = sorted(k for k in set(stored) | set(ours) if stored.get(k) != ours.get(k))
+    if stored is None:  # its creator died before writing one: this invocation's settings define the study
+        study.set_user_attr(SIGNATURE_ATTR, ours)
+        return
+    diff = sorted(k for k in set(stored) & set(ours) if stored[k] != ours[k])  # keys a newer harness added pass
     if diff:
-        shown = "; ".join(f"{k}: study {stored.get(k)!r}, now {ours.get(k)!r}" for k in diff[:6])
+        shown = "; ".join(f"{k}: study {stored[k]!r}, now {ours[k]!r}" for k in diff[:6])
         raise HarnessError(f"study '{plan.study}' was created with other settings ({shown}); "
                            "rerun with the same options or pass --study NEW_NAME")
 
@@ -197,10 +203,8 @@ class Claims:
         self.total, self.taken = total, ctx.Value("i", 0)
 
     def take(self, deadline: float | None) -> bool:
-        if deadline is not None and time.time() >= deadline:
-            return False
         with self.taken.get_lock():
-            if self.taken.value >= self.total:
+            if self.taken.value >= self.total or (deadline is not None and time.time() >= deadline):
                 return False
             self.taken.value += 1
             return True
@@ -241,12 +245,12 @@ class Objective:
         return result.metrics[OBJECTIVE]
 
     def _close(self, run: Run, trial: optuna.Trial, state: str, status: str | None, reason: str = "") -> None:
-        if reason:
-            trial.set_user_attr("reason", reason[:500])
+        extra = {"reason": reason[:500]} if reason else {}
+        for key, value in {**extra, "mlflow_run_id": run.run_id}.items():
+            trial.set_user_attr(key, value)
         if not run.run_id:
             return
-        trial.set_user_attr("mlflow_run_id", run.run_id)
-        self.tracker.set_tags(run.run_id, {"trial_state": state, **({"reason": reason[:500]} if reason else {})})
+        self.tracker.set_tags(run.run_id, {"trial_state": state, **extra})
         if status is not None:
             self.tracker.end(run.run_id, status)
 
@@ -317,12 +321,8 @@ def run_workers(plan: TunePlan, tracker: Tracker, study: optuna.Study) -> list[i
     for proc in procs:
         proc.start()
         print(f"worker {procs.index(proc)} pid {proc.pid}", flush=True)
-    try:
-        for proc in procs:
-            proc.join()
-    finally:
-        for proc in procs:
-            proc.join(timeout=60)
+    for proc in procs:  # on Ctrl-C the workers get SIGINT too; multiprocessing joins them at exit
+        proc.join()
     fail_dead_workers(study, tracker, plan, {f"{socket.gethostname()}:{p.pid}": p.exitcode for p in procs
                                              if p.exitcode != 0})
     return [p.exitcode if p.exitcode is not None else -1 for p in procs]
@@ -394,5 +394,6 @@ def open_existing(name: str, storage_url: str) -> optuna.Study:
     storage = open_storage(storage_url)
     names = optuna.get_all_study_names(storage)
     if name not in names:
-        raise HarnessError(f"no study '{name}' in {storage_url}; its studies: {', '.join(sorted(names)) or '(none)'}")
+        raise HarnessError(f"no study '{name}' in {shown_url(storage_url)}; its studies: "
+                           f"{', '.join(sorted(names)) or '(none)'}")
     return optuna.load_study(study_name=name, storage=storage)

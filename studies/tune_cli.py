@@ -29,9 +29,9 @@ from studies.tune import (
     Param,
     Study,
     TunePlan,
-    default_storage,
     open_existing,
     save_plots,
+    shown_url,
     tune,
 )
 
@@ -113,6 +113,14 @@ def _parse_entry(method: str, entry: str) -> tuple[str, Param]:
         raise HarnessError(f"--space entry '{entry}': expected name=low:high or name=low:high:log") from None
 
 
+def default_storage(tracking_uri: str) -> str:
+    """SQLite next to the MLflow store (`<runs>/optuna.db`)."""
+    folder = Path(tracking_uri.removeprefix("sqlite:///")).parent if tracking_uri.startswith("sqlite:///") \
+        else runs_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'optuna.db'}"
+
+
 def build_plan(args: argparse.Namespace) -> TunePlan:
     """Translate `harness tune` options into a plan; the base config is resolved once here to fail early."""
     space = parse_space(args.method, args.space)
@@ -135,7 +143,7 @@ def build_plan(args: argparse.Namespace) -> TunePlan:
 def run_tune(args: argparse.Namespace) -> int:
     check_dataset(args.dataset)
     plan = build_plan(args)
-    print(f"study {plan.study}: +{plan.n_trials} trials, {plan.workers} worker(s); storage {plan.storage}; "
+    print(f"study {plan.study}: +{plan.n_trials} trials, {plan.workers} worker(s); storage {shown_url(plan.storage)}; "
           f"MLflow {plan.tracking_uri}, experiment {plan.experiment}", flush=True)
     plan, study, parent, codes = tune(plan)
     tracker = Tracker(plan.tracking_uri)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
+import os
 from pathlib import Path
 
 import pytest
@@ -15,10 +16,10 @@ from harness.cli import main
 from harness.errors import HarnessError
 from harness.runner import RunResult
 from harness.tracking import Tracker
-from studies.tune import PARENT_ATTR, Claims, Param, TunePlan, default_storage
-from studies.tune_cli import add_study_arguments, parse_space, report_study
+from studies.tune import PARENT_ATTR, Claims, Param, TunePlan
+from studies.tune_cli import add_study_arguments, default_storage, parse_space, report_study
 
-TINY = ["data.n_max=50", "data.test_per_class=5", "data.augment=none"]
+TINY = ["data.n_max=50", "data.test_per_class=7", "data.augment=none"]  # test 70 images, validation 50
 CLI = ["--dataset", "fmnistlt", "--if", "10", "--epochs", "1+1", "--val-per-class", "5", "--device", "cpu",
        "--startup-trials", "2", "--prune-warmup", "1"] + [arg for item in TINY for arg in ("--set", item)]
 
@@ -52,10 +53,12 @@ class FakeRun:
 
 
 @pytest.fixture(autouse=True)
-def no_global_tracking_uri(monkeypatch):
+def no_global_tracking_uri():
     # Tracker.search goes through mlflow.search_runs, whose set_tracking_uri also exports MLFLOW_TRACKING_URI;
     # without this the next test's Tracker() would default to this test's store.
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 @pytest.fixture
@@ -189,7 +192,7 @@ def test_real_trial_sees_validation_only_and_refit_sees_test_once(harness_home, 
         return built[-1]
 
     def predict_spy(model, split, *args, **kwargs):
-        predicted.append(("test" if any(split is d.test for d in built) else "val", len(built)))
+        predicted.append(("test" if len(split) == 70 else "val", len(built)))  # by size: splits may be device copies
         return real_predict(model, split, *args, **kwargs)
 
     monkeypatch.setattr(harness.runner, "build_data", build_spy)
@@ -199,7 +202,7 @@ def test_real_trial_sees_validation_only_and_refit_sees_test_once(harness_home, 
     refit_calls = [kind for kind, run in predicted if run == 2]
     assert trial_calls == ["val", "val"]  # epoch 0 and the final evaluation; never the test split
     assert refit_calls == ["test"]  # the refit has no validation split and evaluates the test set once
-    assert built[0].val is not None and built[1].val is None
+    assert len(built[0].val) == 50 and len(built[0].test) == 70 and built[1].val is None
     runs = Tracker().search(["tune-real"])
     trial = runs[runs["tags.kind"] == "trial"].iloc[0]
     assert trial["status"] == "FINISHED" and math.isfinite(trial["metrics.val/balanced_acc"])

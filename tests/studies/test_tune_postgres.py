@@ -90,6 +90,12 @@ def postgres_url() -> Iterator[str]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+@pytest.fixture(autouse=True)
+def no_global_tracking_uri() -> Iterator[None]:
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)  # Tracker.search (mlflow.search_runs) exports it
+
+
 def test_two_invocations_share_a_postgres_study(postgres_url, harness_home):
     env = {**os.environ, "HARNESS_HOME": str(harness_home)}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -108,9 +114,10 @@ def test_two_invocations_share_a_postgres_study(postgres_url, harness_home):
     assert len({t.user_attrs["worker"] for t in study.trials}) >= 2, "\n".join(outputs)  # several processes
     # One parent run for both invocations, one MLflow child run per trial.
     parent = study.user_attrs[PARENT_ATTR]
-    children = Tracker().search(["tune-pg"], f"tags.mlflow.parentRunId = '{parent}'")
-    assert sorted(children["tags.trial_number"].astype(int)) == list(range(5))
+    tracker = Tracker(f"sqlite:///{harness_home / 'mlflow.db'}")  # the store the invocations wrote
+    children = tracker.search(["tune-pg"], f"tags.mlflow.parentRunId = '{parent}'")
+    assert sorted(children["tags.trial_number"].astype(int)) == list(range(5)), "\n".join(outputs)
     # Rerunning resumes the shared study: 5 + 1.
     again = subprocess.run([*command, "--trials", "1"], env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
-    assert len(open_existing("pg", postgres_url).trials) == 6
+    assert len(open_existing("pg", postgres_url).trials) == 6, again.stdout
