@@ -19,3 +19,13 @@ def harness_home(tmp_path, monkeypatch):
     home = tmp_path / "runs"
     monkeypatch.setenv("HARNESS_HOME", str(home))
     return home
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for timing-sensitive modules: on a shared 2-core machine, OpenMP threads oversubscribed by
+    other processes stall for seconds per step; results do not depend on it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

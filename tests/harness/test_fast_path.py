@@ -26,14 +26,7 @@ CPU = torch.device("cpu")
 BATCH = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on the shared 2-core CI machine, OpenMP threads oversubscribed by other processes stall
-    for seconds per step; results do not depend on it."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def small_data(num_classes: int = 4) -> LTData:

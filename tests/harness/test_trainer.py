@@ -35,7 +35,7 @@ def make(method: str = "shike", epochs: int = 2, crt: int = 1, **overrides):
 def test_two_stages_log_every_term_and_freeze_the_backbone():
     cfg, spec, feeder = make()
     logged: dict[int, dict[str, float]] = {}
-    trainer = Trainer(spec, cfg, feeder, torch.device("cpu"), on_epoch=lambda e, m: logged.__setitem__(e, m))
+    trainer = Trainer(spec, cfg, feeder, torch.device("cpu"))
     snapshot: dict[str, torch.Tensor] = {}
 
     def remember(epoch: int, metrics: dict[str, float]) -> None:
