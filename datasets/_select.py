@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from datasets._api import LTData, Split, indices_sha256, long_tail_counts
+from harness.data import LTData, Split, indices_sha256, long_tail_counts
 from harness.errors import HarnessError
 
 # first-n: SHIKE's imbalanced_cifar.py (its shuffle lines are commented out); ldam-seed0: LDAM-DRW/RIDE/SADE/PaCo's

@@ -17,8 +17,9 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps
-from torch.utils.data import Dataset
 from torchvision import transforms
+
+from harness.data import Augmentations
 
 OP_NAMES: tuple[str, ...] = (
     "shearX", "shearY", "translateX", "translateY", "rotate", "color", "posterize",
@@ -212,22 +213,19 @@ def test_transform(mean: tuple[float, ...], std: tuple[float, ...]) -> transform
 test_transform.__test__ = False  # type: ignore[attr-defined]  # not a pytest test
 
 
-class AugmentedDataset(Dataset):
-    """uint8 (N, 3, H, W) images + labels -> (float tensor, int label), each image turned into a PIL image and passed
-    through `transform`, as torchvision's CIFAR dataset does (Image.fromarray on HWC uint8)."""
+def per_image_pipeline(augment: str, mean: tuple[float, ...], std: tuple[float, ...]) -> transforms.Compose:
+    """`Augmentations.per_image` of the 32x32 datasets (CIFAR-LT, Fashion-MNIST-LT)."""
+    return train_transform(mean, std, augment)
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Callable) -> None:
-        if images.dtype != torch.uint8 or images.dim() != 4:
-            raise ValueError(f"expected uint8 (N, C, H, W) images, got {images.dtype} {tuple(images.shape)}")
-        self._hwc = images.permute(0, 2, 3, 1).contiguous().numpy()
-        self.labels = labels
-        self.transform = transform
 
-    def __len__(self) -> int:
-        return len(self._hwc)
+def batched_pipeline(augment: str, mean: tuple[float, ...], std: tuple[float, ...]) -> Callable:
+    """`Augmentations.batched` of the 32x32 datasets: the same ops, one batched pass with per-sample randomness."""
+    from harness.datasets.batched_augment import BatchedAugment  # only the fast path needs it
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.transform(Image.fromarray(self._hwc[index])), int(self.labels[index])
+    return BatchedAugment(mean, std, augment=augment)
+
+
+SMALL_IMAGE_AUGMENTATIONS = Augmentations(per_image_pipeline, batched_pipeline)
 
 
 def synthetic_cifar_images(n: int, seed: int = 0, size: int = 32) -> torch.Tensor:

@@ -21,7 +21,7 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
-from datasets.augment import AUGMENTS, CIFAR10_POLICY, MAGNITUDES, OP_NAMES, SIGNED_OPS, SubPolicy
+from harness.datasets.augment import AUGMENTS, CIFAR10_POLICY, MAGNITUDES, OP_NAMES, SIGNED_OPS, SubPolicy
 
 FILL = 128.0  # fill colour (128, 128, 128) of the geometric ops (autoaugment.py)
 Tensor = torch.Tensor

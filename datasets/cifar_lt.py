@@ -10,8 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets._api import DatasetSpec, LTData
-from datasets._select import PROFILES, RawData, build_lt
+from harness.data import DatasetSpec, LTData
+from harness.datasets.augment import SMALL_IMAGE_AUGMENTATIONS
+from harness.datasets._select import PROFILES, RawData, build_lt
 from harness.errors import HarnessError
 
 # The official SHIKE code normalises CIFAR-100 with the CIFAR-10 statistics; we keep that for both datasets.
@@ -191,6 +192,7 @@ CIFAR100LT = DatasetSpec(
     num_classes=100,
     default_n_max=500,
     profiles=PROFILES,
+    augmentations=SMALL_IMAGE_AUGMENTATIONS,
     build=build_cifar100lt,
     description="CIFAR-100-LT (exponential profile, class 0 = head), torchvision pickles",
 )
@@ -199,6 +201,7 @@ CIFAR10LT = DatasetSpec(
     num_classes=10,
     default_n_max=5000,
     profiles=PROFILES,
+    augmentations=SMALL_IMAGE_AUGMENTATIONS,
     build=build_cifar10lt,
     description="CIFAR-10-LT (exponential profile, class 0 = head), torchvision pickles",
     class_names=CIFAR10_CLASSES,

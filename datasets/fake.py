@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets.cifar_lt import CIFAR10_CLASSES
+from harness.datasets.cifar_lt import CIFAR10_CLASSES
 
 
 def _fake_images(labels: np.ndarray, rng: np.random.Generator, colours: np.ndarray) -> np.ndarray:

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets._api import DatasetSpec, LTData
-from datasets._select import PROFILES, RawData, build_lt
-from datasets.cifar_lt import DEFAULT_DATA_ROOT
+from harness.data import DatasetSpec, LTData
+from harness.datasets.augment import SMALL_IMAGE_AUGMENTATIONS
+from harness.datasets._select import PROFILES, RawData, build_lt
+from harness.datasets.cifar_lt import DEFAULT_DATA_ROOT
 from harness.errors import HarnessError
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -141,6 +142,7 @@ FMNISTLT = DatasetSpec(
     num_classes=10,
     default_n_max=500,
     profiles=PROFILES,
+    augmentations=SMALL_IMAGE_AUGMENTATIONS,
     build=build_fmnistlt,
     description="Fashion-MNIST-LT (exponential profile, class 0 = head), padded to 3x32x32; offline via Debian",
     class_names=FMNIST_CLASSES,

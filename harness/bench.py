@@ -25,14 +25,14 @@ from typing import Any
 
 import torch
 
-from datasets._api import LTData, Split, long_tail_counts
-from datasets.augment import synthetic_cifar_images
+from harness.data import LTData, Split, long_tail_counts
+from harness.datasets.augment import synthetic_cifar_images
 from harness.bench_augment import CIFAR_MEAN, CIFAR_STD, bench_augmentation
 from harness.config import RunConfig, resolve
 from harness.evaluate import predict, summarize
 from harness.feeders import DeviceFeeder, make_feeder
 from harness.trainer import StageRun, Trainer, enter_stage, set_train_mode
-from methods import METHODS
+from harness.registry import METHODS
 
 # The model variants timed: Table 4 rows map onto these (plain = row 1; moe = rows 2, 6; shike = the DKF rows).
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {

@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
-from datasets.augment import AugmentedDataset, synthetic_cifar_images, train_transform
-from datasets.batched_augment import BatchedAugment
+from harness.datasets.augment import synthetic_cifar_images, train_transform
+from harness.feeders import AugmentedDataset
+from harness.datasets.batched_augment import BatchedAugment
 
 # The normalisation of the official CIFAR code (cifarTrain.py:19-20; CIFAR-10 statistics).
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)

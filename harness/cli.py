@@ -19,8 +19,8 @@ COMMAND_MODULES = (
     "harness.commands.inspect",
     "harness.commands.bench",
     "harness.commands.ui",
-    "studies.report_cli",
-    "studies.tune_cli",
+    "harness.studies.report_cli",
+    "harness.studies.tune_cli",
 )
 
 

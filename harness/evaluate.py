@@ -11,8 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from datasets._api import Split, shot_groups
-from methods._api import LTModel
+from harness.data import Split, shot_groups
+from harness.method import LTModel
 
 ECE_BINS = 15  # as MiSLAS reports
 

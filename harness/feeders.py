@@ -7,21 +7,43 @@ pass with per-sample randomness, then sliced into batches with no host round tri
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
 
-from datasets._api import Split
-from datasets.augment import AugmentedDataset, train_transform
+from harness.data import Augmentations, Split
+from harness.errors import HarnessError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
+class AugmentedDataset(Dataset):
+    """uint8 (N, 3, H, W) images + labels -> (float tensor, int label), each image turned into a PIL image and passed
+    through `transform`, as torchvision's CIFAR dataset does (Image.fromarray on HWC uint8)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Callable) -> None:
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"expected uint8 (N, C, H, W) images, got {images.dtype} {tuple(images.shape)}")
+        self._hwc: np.ndarray = images.permute(0, 2, 3, 1).contiguous().numpy()
+        self.labels = labels
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self._hwc)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(Image.fromarray(self._hwc[index])), int(self.labels[index])
+
+
 class ReferenceFeeder:
-    def __init__(self, split: Split, mean, std, augment: str, batch_size: int, device: torch.device,
+    """`transform`: the dataset's per-image training transform (PIL image -> normalised tensor)."""
+
+    def __init__(self, split: Split, transform: Callable, batch_size: int, device: torch.device,
                  num_workers: int = 0) -> None:
-        self.dataset = AugmentedDataset(split.images, split.labels, train_transform(mean, std, augment))
+        self.dataset = AugmentedDataset(split.images, split.labels, transform)
         self.batch_size, self.device, self.num_workers = batch_size, device, num_workers
 
     def __len__(self) -> int:
@@ -40,12 +62,12 @@ class ReferenceFeeder:
 
 
 class DeviceFeeder:
-    def __init__(self, split: Split, mean, std, augment: str, batch_size: int, device: torch.device) -> None:
+    """`augment`: the dataset's batched transform, (uint8 images on the device, generator) -> normalised floats."""
+
+    def __init__(self, split: Split, augment: Callable, batch_size: int, device: torch.device) -> None:
         self.images = split.images.to(device)
         self.labels = split.labels.to(device)
-        from datasets.batched_augment import BatchedAugment  # only the fast path needs it
-
-        self.augment = BatchedAugment(mean, std, augment=augment)
+        self.augment = augment
         self.batch_size, self.device = batch_size, device
         self.generator = torch.Generator(device=device)
 
@@ -62,10 +84,12 @@ class DeviceFeeder:
             yield images[start:start + self.batch_size], labels[start:start + self.batch_size]
 
 
-def make_feeder(split: Split, mean, std, augment: str, batch_size: int, device: torch.device, fast_path: str,
-                num_workers: int = 0) -> ReferenceFeeder | DeviceFeeder:
-    """`fast_path`: auto (device feeder on CUDA only), on, off."""
-    use_device = fast_path == "on" or (fast_path == "auto" and device.type == "cuda")
-    if use_device:
-        return DeviceFeeder(split, mean, std, augment, batch_size, device)
-    return ReferenceFeeder(split, mean, std, augment, batch_size, device, num_workers)
+def make_feeder(split: Split, augmentations: Augmentations, augment: str, mean, std, batch_size: int,
+                device: torch.device, fast_path: str, num_workers: int = 0) -> ReferenceFeeder | DeviceFeeder:
+    """`fast_path`: auto (device feeder on CUDA only, where the dataset has a batched pipeline), on, off."""
+    batched = augmentations.batched is not None
+    if fast_path == "on" and not batched:
+        raise HarnessError("train.fast_path=on, but this dataset has no batched augmentation; use fast_path=off")
+    if fast_path == "on" or (fast_path == "auto" and device.type == "cuda" and batched):
+        return DeviceFeeder(split, augmentations.batched(augment, mean, std), batch_size, device)
+    return ReferenceFeeder(split, augmentations.per_image(augment, mean, std), batch_size, device, num_workers)

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from datasets import DATASETS
-from datasets._api import LTData, Split
+from harness.registry import DATASETS
+from harness.data import LTData, Split
 from harness import __version__
 from harness.checkpoint import load_json, save_json
 from harness.config import RunConfig, flatten
@@ -31,8 +31,8 @@ from harness.progress import RunProgress
 from harness.seeding import seed_everything, set_deterministic
 from harness.tracking import Tracker, runs_dir
 from harness.trainer import Trainer
-from methods import METHODS
-from methods._api import MethodSpec
+from harness.registry import METHODS
+from harness.method import MethodSpec
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EvalCallback = Callable[[int, dict[str, float]], None]  # (epoch, metrics) -> None; may raise to stop a trial
@@ -237,7 +237,9 @@ class Run:
 
     def _feeder(self) -> Any:
         t, d = self.cfg.train, self.data
-        return make_feeder(d.train, d.mean, d.std, self.cfg.data.augment, self.cfg.optim.batch_size, self.device,
+        augmentations = DATASETS.get(self.cfg.data.dataset).augmentations
+        return make_feeder(d.train, augmentations, self.cfg.data.augment, d.mean, d.std, self.cfg.optim.batch_size,
+                           self.device,
                            t.fast_path, t.num_workers)
 
     def _hooks(self, trainer: Trainer, started: float) -> None:

@@ -23,7 +23,7 @@ from harness.config import RunConfig
 from harness.errors import HarnessError
 from harness.schedules import stage_lr
 from harness.seeding import derive_seed
-from methods._api import MethodSpec, Stage
+from harness.method import MethodSpec, Stage
 
 log = logging.getLogger(__name__)
 EpochHook = Callable[[int, dict[str, float]], None]  # (global epoch, metrics) -> None

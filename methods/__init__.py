@@ -1,9 +1,6 @@
-"""Method plugins. Importing this package fills `METHODS`; each plugin file registers one or more builders."""
+"""Method plugins: one file per method family, each registering its builders in `METHODS` (declared as entry points
+in pyproject.toml, so the registry imports them on first lookup)."""
 
-from harness.registry import Registry
-
-METHODS = Registry("method")
-
-from methods import baselines, branches, shike  # noqa: E402,F401  (registration side effects)
+from harness.registry import METHODS
 
 __all__ = ["METHODS"]

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from methods._api import LossTermModule, ModelOutput
+from harness.method import LossTermModule, ModelOutput
 
 KL_REDUCTIONS = ("batchmean", "mean", "sum", "none")
 DKT_VARIANTS = ("code", "paper")

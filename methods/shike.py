@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from methods import METHODS
-from methods._api import LossTerm, MethodSpec, Stage
-from methods.losses import DKT, BalancedSoftmaxCE, ExpertCE, MutualKL
-from methods.models.moe import build_expert_resnet
+from harness.registry import METHODS
+from harness.method import LossTerm, MethodSpec, Stage
+from harness.methods.losses import DKT, BalancedSoftmaxCE, ExpertCE, MutualKL
+from harness.methods.models.moe import build_expert_resnet
 
 
 def parse_sources(text: str) -> tuple[int, ...] | None:

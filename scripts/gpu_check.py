@@ -107,7 +107,7 @@ def measure_variant(spec: dict[str, Any], variant: str) -> dict[str, Any]:
 
 def eval_variants(torch: Any, bench: Any, trainer: Any, data: Any, device: Any, mode: Any) -> dict[str, float]:
     """Test-set forward time: as the runner does it (host split, batches of 500) vs a device-resident split."""
-    from datasets._api import Split
+    from harness.data import Split
     from harness.evaluate import predict
 
     on_device = Split(data.test.images.to(device), data.test.labels)
@@ -246,7 +246,7 @@ def variant_run(rows: dict, mode: str, variant: str) -> tuple[dict[str, float], 
 
 def extrapolate(rows: dict[tuple[str, str], dict[str, Any]], conc: dict[str, Any]) -> dict[str, Any]:
     """200-epoch run time per mode and variant, Table 4 (7 rows) for 1 and 5 seeds, against the targets."""
-    from studies.tables import TABLES
+    from harness.studies.tables import TABLES
 
     keys = [("plain" if r.method == "plain" else "moe" if r.kwargs.get("dkf") is False else "shike")
             for r in TABLES["table4"].rows]

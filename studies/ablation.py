@@ -25,8 +25,8 @@ from harness.config import RunConfig
 from harness.errors import HarnessError
 from harness.runner import Run, build_data
 from harness.tracking import Tracker, runs_dir
-from studies.stats import cell_stats
-from studies.tables import Row, TableSpec
+from harness.studies.stats import cell_stats
+from harness.studies.tables import Row, TableSpec
 
 ConfigFactory = Callable[[Row, int], RunConfig]  # (row, seed) -> resolved config
 

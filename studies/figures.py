@@ -23,7 +23,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from datasets._api import shot_groups
+from harness.data import shot_groups
 
 GROUPS = ("many", "medium", "few")
 HIST_BINS = 20

@@ -23,8 +23,8 @@ from typing import Any
 
 import pandas as pd
 
-from studies.stats import cell_stats
-from studies.tables import Column, Row, TableSpec
+from harness.studies.stats import cell_stats
+from harness.studies.tables import Column, Row, TableSpec
 
 FORMATS = ("md", "csv", "latex", "html")
 CSV_COLUMNS = ("row", "column", "mean", "std", "n", "ci95", "paper", "diff", "status", "key", "group")

@@ -22,12 +22,12 @@ from rich.table import Table
 
 from harness.errors import HarnessError
 from harness.tracking import Tracker, runs_dir
-from methods.branches import branch_names
-from methods.models.moe import default_dkf_sources
-from methods.shike import parse_sources
-from studies import figures
-from studies.report import FORMATS, Report, build_report, display_frame, footer, newest_parent, render
-from studies.tables import TABLES, TableSpec
+from harness.methods.branches import branch_names
+from harness.methods.models.moe import default_dkf_sources
+from harness.methods.shike import parse_sources
+from harness.studies import figures
+from harness.studies.report import FORMATS, Report, build_report, display_frame, footer, newest_parent, render
+from harness.studies.tables import TABLES, TableSpec
 
 FIGURES = {"fig1": "SHIKE Fig. 1: best branch per class of a ResNet-32 (`branches` method)",
            "fig3": "SHIKE Fig. 3: per-expert per-class accuracy of a SHIKE run; classes won per group",
@@ -60,7 +60,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         sub.add_argument("--run-id", default=None, help="the run to draw (fig4: the SHIKE run)")
         sub.add_argument("--out", default=None, help="folder for the PNG (default: <runs>/reports)")
         sub.set_defaults(func=report_figure, figure=name)
-    from studies.tune_cli import add_study_arguments, report_study  # the Optuna study report lives with tuning
+    from harness.studies.tune_cli import add_study_arguments, report_study  # the Optuna study report lives with tuning
 
     study = kinds.add_parser("study", help="an Optuna study: best parameters, trials and plots")
     add_study_arguments(study)

@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from harness.registry import Registry
+
 
 @dataclass(frozen=True)
 class Row:
@@ -82,7 +84,6 @@ TABLE4 = TableSpec(
     protocol="every row: stage 1 then balanced-softmax classifier re-training; final-epoch test accuracy",
 )
 
-TABLES: dict[str, TableSpec] = {"table4": TABLE4}
 
 SINGLE, HYBRID, MOE = "Single model", "Contrastive & Hybrid methods", "MoE-based methods"
 HARNESS = "Harness baselines (not in the paper)"
@@ -200,4 +201,8 @@ TABLE5 = TableSpec(
            "so rows with B do not run; the paper's numbers are ImageNet-LT ResNet-50.",),
 )
 
-TABLES.update({t.name: t for t in (TABLE1, TABLE2, TABLE3, TABLE5)})
+# Tables are a registry like methods and datasets: a plugin package adds one through the `lt_harness.tables`
+# entry-point group (README, "Plugins").
+TABLES = Registry("table", "lt_harness.tables")
+for _table in (TABLE1, TABLE2, TABLE3, TABLE4, TABLE5):
+    TABLES.register(_table.name)(_table)

@@ -33,7 +33,7 @@ from harness.errors import HarnessError
 from harness.runner import Run, checkpoint_dir
 from harness.seeding import derive_seed
 from harness.tracking import Tracker
-from methods import METHODS
+from harness.registry import METHODS
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -21,8 +21,8 @@ from harness.errors import HarnessError
 from harness.progress import make_progress
 from harness.runner import Run, RunResult
 from harness.tracking import Tracker, runs_dir
-from methods import METHODS
-from studies.tune import (
+from harness.registry import METHODS
+from harness.studies.tune import (
     DEFAULT_SPACE,
     OBJECTIVE,
     SPACES,

@@ -8,13 +8,13 @@ import json
 from rich.console import Console
 from rich.table import Table
 
-from datasets import DATASETS
-from datasets._api import shot_groups
+from harness.registry import DATASETS
+from harness.data import shot_groups
 from harness.commands.options import add_data_options, check_dataset, make_config
 from harness.config import PRESETS
 from harness.errors import HarnessError
-from methods import METHODS
-from methods.models.profile import forward_flops, parameter_counts
+from harness.registry import METHODS
+from harness.methods.models.profile import forward_flops, parameter_counts
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -25,12 +25,12 @@ def run(args: argparse.Namespace) -> int:
     table.add_column("name")
     table.add_column("description")
     if args.what == "methods":
-        from methods import METHODS
+        from harness.registry import METHODS
 
         for name in METHODS.names():
             table.add_row(name, _first_line(METHODS.get(name).__doc__))
     elif args.what == "datasets":
-        from datasets import DATASETS
+        from harness.registry import DATASETS
 
         for name in DATASETS.names():
             spec = DATASETS.get(name)
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         for name, values in PRESETS.items():
             table.add_row(name, ", ".join(f"{k}={v}" for k, v in values.items()))
     else:
-        from studies.tables import TABLES
+        from harness.studies.tables import TABLES
 
         for name, spec in TABLES.items():
             table.add_row(name, spec.title)

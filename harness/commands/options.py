@@ -7,7 +7,7 @@ from typing import Any
 
 from harness.config import PRESETS, RunConfig, parse_assignments, parse_epochs, resolve
 from harness.errors import HarnessError
-from methods import METHODS
+from harness.registry import METHODS
 
 
 def imbalance_factor(text: str) -> float:
@@ -76,7 +76,7 @@ def make_config(args: argparse.Namespace, method: str, seed: int | None = None,
 
 
 def check_dataset(name: str) -> None:
-    from datasets import DATASETS
+    from harness.registry import DATASETS
 
     if name not in DATASETS:
         raise HarnessError(f"unknown dataset '{name}'; known datasets: {', '.join(DATASETS.names())}")

@@ -16,8 +16,8 @@ from harness.config import RunConfig
 from harness.progress import make_progress
 from harness.runner import Run, checkpoint_dir
 from harness.tracking import Tracker
-from studies.ablation import StudyPlan, run_study, select_rows, summarize_study
-from studies.tables import TABLES, Row
+from harness.studies.ablation import StudyPlan, run_study, select_rows, summarize_study
+from harness.studies.tables import TABLES, Row
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -1,10 +1,10 @@
 """Backbones and heads: CIFAR ResNet-32 pieces, cosine/linear heads, SHIKE's multi-expert model with DKF, and
 parameter/FLOP profiling."""
 
-from methods.models.heads import CosineHead, LinearHead, make_head
-from methods.models.moe import ExpertResNet, ShallowAligner, StridedConv, build_expert_resnet, default_dkf_sources
-from methods.models.profile import forward_flops, parameter_counts, train_flops
-from methods.models.resnet_cifar import BasicBlock, Stem, init_weights, make_stage
+from harness.methods.models.heads import CosineHead, LinearHead, make_head
+from harness.methods.models.moe import ExpertResNet, ShallowAligner, StridedConv, build_expert_resnet, default_dkf_sources
+from harness.methods.models.profile import forward_flops, parameter_counts, train_flops
+from harness.methods.models.resnet_cifar import BasicBlock, Stem, init_weights, make_stage
 
 __all__ = [
     "BasicBlock",

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from methods._api import LTModel, ModelOutput
-from methods.models.heads import make_head
-from methods.models.resnet_cifar import Stem, init_weights, make_stage
+from harness.method import LTModel, ModelOutput
+from harness.methods.models.heads import make_head
+from harness.methods.models.resnet_cifar import Stem, init_weights, make_stage
 
 STAGE_WIDTHS = (16, 32, 64)
 ALIGN_RELU_MODES = ("code", "all")

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from methods._api import LTModel, ModelOutput
+from harness.method import LTModel, ModelOutput
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:

@@ -11,8 +11,9 @@ import json
 
 import torch
 
-from datasets.augment import AugmentedDataset, synthetic_cifar_images, train_transform
-from datasets.batched_augment import BatchedAugment
+from harness.datasets.augment import synthetic_cifar_images, train_transform
+from harness.feeders import AugmentedDataset
+from harness.datasets.batched_augment import BatchedAugment
 from harness.bench_augment import CIFAR_MEAN, CIFAR_STD, bench_augmentation
 
 PER_IMAGE_N = 128

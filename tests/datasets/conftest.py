@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from datasets.fake import write_fake_cifar
+from harness.datasets.fake import write_fake_cifar
 
 
 @pytest.fixture(scope="session")

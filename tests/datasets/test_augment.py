@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from datasets.augment import (
+from harness.feeders import AugmentedDataset
+from harness.datasets.augment import (
     CIFAR10_POLICY,
     MAGNITUDES,
     OP_NAMES,
     SIGNED_OPS,
-    AugmentedDataset,
     CIFAR10Policy,
     Cutout,
     expected_op_frequencies,
@@ -25,8 +25,8 @@ from datasets.augment import (
     synthetic_cifar_images,
     train_transform,
 )
-from datasets.augment import test_transform as eval_transform
-from datasets.batched_augment import BatchedAugment, apply_op, autoaugment, crop_flip, cutout_mask
+from harness.datasets.augment import test_transform as eval_transform
+from harness.datasets.batched_augment import BatchedAugment, apply_op, autoaugment, crop_flip, cutout_mask
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 

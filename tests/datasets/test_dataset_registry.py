@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-import datasets
-from datasets import DATASETS, get_dataset, shot_groups
+import harness.datasets
+from harness.datasets import DATASETS, get_dataset, shot_groups
 from harness.errors import HarnessError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -18,9 +18,9 @@ BUILD_KWARGS = [
 
 
 def test_import_resolves_to_repo_package():
-    # An installed `datasets` distribution (Hugging Face) or a namespace dir must not shadow the harness package.
-    assert Path(datasets.__file__).resolve() == REPO / "datasets" / "__init__.py"
-    assert isinstance(datasets.DATASETS, type(DATASETS))
+    # The repository's datasets/ folder installs as `harness.datasets`, never as a top-level `datasets`.
+    assert Path(harness.datasets.__file__).resolve() == REPO / "datasets" / "__init__.py"
+    assert harness.datasets.DATASETS is DATASETS
 
 
 def test_registry_names_and_unknown_name():

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from datasets import fmnist_lt, get_dataset
-from datasets.fmnist_lt import DEBIAN_DIR, IDX_FILES, read_idx
+from harness.datasets import fmnist_lt, get_dataset
+from harness.datasets.fmnist_lt import DEBIAN_DIR, IDX_FILES, read_idx
 from harness.errors import HarnessError
 
 needs_debian = pytest.mark.skipif(

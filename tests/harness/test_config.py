@@ -4,7 +4,7 @@ import pytest
 
 from harness.config import PRESETS, RunConfig, apply_overrides, flatten, parse_epochs, resolve
 from harness.errors import HarnessError
-from methods import METHODS
+from harness.registry import METHODS
 
 
 def test_preset_sets_method_switches_only_where_the_builder_has_them():

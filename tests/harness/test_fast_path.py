@@ -17,8 +17,9 @@ import torch
 from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from datasets._api import LTData, Split
+from harness.data import LTData, Split
 from harness.bench import FAST, REFERENCE, Mode, StepCase, build_trainer, compiled, random_batch, synthetic_lt
+from harness.datasets.augment import batched_pipeline, per_image_pipeline
 from harness.feeders import DeviceFeeder, ReferenceFeeder
 from harness.trainer import Trainer, set_train_mode
 
@@ -139,8 +140,8 @@ def collect(batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> tuple[list[
 @pytest.mark.parametrize("augment", ["none", "autoaugment"])
 def test_device_feeder_epoch_matches_the_reference_epoch(augment):
     split = identifiable_split()
-    reference = ReferenceFeeder(split, MEAN, STD, augment, 32, CPU)
-    device = DeviceFeeder(split, MEAN, STD, augment, 32, CPU)
+    reference = ReferenceFeeder(split, per_image_pipeline(augment, MEAN, STD), 32, CPU)
+    device = DeviceFeeder(split, batched_pipeline(augment, MEAN, STD), 32, CPU)
     ref_sizes, _, ref_labels = collect(reference.epoch(7))
     sizes, images, labels = collect(device.epoch(7))
     assert len(device) == len(reference) == len(sizes) == 3
@@ -154,7 +155,7 @@ def test_device_feeder_epoch_matches_the_reference_epoch(augment):
 
 
 def test_device_feeder_is_deterministic_per_seed():
-    feeder = DeviceFeeder(identifiable_split(), MEAN, STD, "autoaugment", 32, CPU)
+    feeder = DeviceFeeder(identifiable_split(), batched_pipeline("autoaugment", MEAN, STD), 32, CPU)
     _, first, first_labels = collect(feeder.epoch(3))
     _, again, again_labels = collect(feeder.epoch(3))
     _, other, other_labels = collect(feeder.epoch(4))

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from datasets._api import Split
+from harness.data import Split
 from harness.config import resolve
+from harness.datasets.augment import per_image_pipeline
 from harness.feeders import ReferenceFeeder
 from harness.trainer import Trainer
-from methods import METHODS
+from harness.registry import METHODS
 
 COUNTS = (40, 20, 10, 5)
 
@@ -28,7 +29,8 @@ def make(method: str = "shike", epochs: int = 2, crt: int = 1, **overrides):
                                                           "optim.batch_size": 32, "method.experts": 2,
                                                           **overrides})
     spec = METHODS.get(method)(num_classes=len(COUNTS), class_counts=COUNTS, **cfg.method_kwargs)
-    feeder = ReferenceFeeder(toy_split(), (0.5,) * 3, (0.25,) * 3, "autoaugment", 32, torch.device("cpu"))
+    feeder = ReferenceFeeder(toy_split(), per_image_pipeline("autoaugment", (0.5,) * 3, (0.25,) * 3), 32,
+                             torch.device("cpu"))
     return cfg, spec, feeder
 
 

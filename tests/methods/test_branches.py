@@ -8,8 +8,8 @@ import torch
 
 from harness.config import RunConfig
 from harness.trainer import enter_stage
-from methods import METHODS
-from methods.branches import BranchResNet, branch_names
+from harness.registry import METHODS
+from harness.methods.branches import BranchResNet, branch_names
 
 COUNTS = (50, 20, 8, 3)
 

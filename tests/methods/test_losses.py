@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from methods._api import ModelOutput
-from methods.losses import (
+from harness.method import ModelOutput
+from harness.methods.losses import (
     DKT,
     BalancedSoftmaxCE,
     ExpertCE,

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.models import (
+from harness.methods.models import (
     CosineHead,
     LinearHead,
     ShallowAligner,

@@ -7,8 +7,8 @@ import inspect
 
 import pytest
 
-from methods import METHODS
-from studies.tables import TABLE4, TABLES
+from harness.registry import METHODS
+from harness.studies.tables import TABLE4, TABLES
 
 ROWS = [(t.name, r) for t in TABLES.values() for r in t.rows if r.method is not None]
 

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 
 import harness.runner
-import studies.tune as tune_mod
+import harness.studies.tune as tune_mod
 from harness.cli import main
 from harness.errors import HarnessError
 from harness.runner import RunResult
 from harness.tracking import Tracker
-from studies.tune import PARENT_ATTR, Claims, Param, TunePlan
-from studies.tune_cli import add_study_arguments, default_storage, parse_space, report_study
+from harness.studies.tune import PARENT_ATTR, Claims, Param, TunePlan
+from harness.studies.tune_cli import add_study_arguments, default_storage, parse_space, report_study
 
 TINY = ["data.n_max=50", "data.test_per_class=7", "data.augment=none"]  # test 70 images, validation 50
 CLI = ["--dataset", "fmnistlt", "--if", "10", "--epochs", "1+1", "--val-per-class", "5", "--device", "cpu",

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from harness.tracking import Tracker
-from studies.tune import PARENT_ATTR, open_existing
+from harness.studies.tune import PARENT_ATTR, open_existing
 
 pytestmark = pytest.mark.server
 

@@ -88,6 +88,19 @@ class LTData:
         return manifest_hash(self.manifest)
 
 
+Stats = tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Augmentations:
+    """How a dataset's training images are augmented: `per_image(augment, mean, std)` gives the PIL transform of
+    the reference DataLoader path; `batched(augment, mean, std)` gives a callable (uint8 images on the device,
+    torch.Generator) -> normalised floats for the device-resident fast path (None: the dataset has none)."""
+
+    per_image: Callable[[str, Stats, Stats], Callable[..., Any]]
+    batched: Callable[[str, Stats, Stats], Callable[..., Any]] | None = None
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
     """What the dataset registry holds: static facts (no data needed) and the loader.
@@ -103,6 +116,7 @@ class DatasetSpec:
     build: Callable[..., LTData]
     description: str = ""
     class_names: tuple[str, ...] = field(default=())
+    augmentations: Augmentations | None = None
 
     def counts(self, imbalance_factor: float, n_max: int | None = None) -> list[int]:
         return long_tail_counts(n_max or self.default_n_max, self.num_classes, imbalance_factor)
