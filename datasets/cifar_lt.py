@@ -67,16 +67,43 @@ def find_cifar_folder(root: Path, layout: CifarLayout) -> Path | None:
     return None
 
 
-def _read_pickle(path: Path) -> dict:
+def corrupt_file_error(path: Path, layout: CifarLayout, problem: str) -> HarnessError:
+    """The one line for a damaged pickle: which file, what is wrong, and how to get an intact copy."""
+    return HarnessError(
+        f"{path} is not a readable {layout.title} file ({problem}); delete {path.parent} and rerun with --download, "
+        "or download the python version again from the official CIFAR page (www.cs.toronto.edu/~kriz/cifar.html)"
+    )
+
+
+def _read_pickle(path: Path, layout: CifarLayout) -> dict:
     # The files were pickled by Python 2; latin1 decodes their str keys and keeps the byte arrays intact.
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="latin1")
+    try:
+        with open(path, "rb") as f:
+            obj = pickle.load(f, encoding="latin1")
+    except Exception as error:  # truncated or overwritten bytes fail in many ways; all mean "get the file again"
+        raise corrupt_file_error(path, layout, f"{type(error).__name__}: {error}") from None
+    if not isinstance(obj, dict):
+        raise corrupt_file_error(path, layout, f"it holds a {type(obj).__name__}, not a dict")
+    return obj
 
 
-def _read_batches(folder: Path, names: tuple[str, ...], label_key: str) -> tuple[np.ndarray, np.ndarray]:
-    batches = [_read_pickle(folder / name) for name in names]
-    images = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches]).reshape(-1, 3, 32, 32)
-    labels = np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches])
+def _batch_arrays(path: Path, layout: CifarLayout) -> tuple[np.ndarray, np.ndarray]:
+    """(images (N, 3072) uint8, labels (N,) int64) of one batch file, checked against each other."""
+    batch = _read_pickle(path, layout)
+    missing = [k for k in ("data", layout.label_key) if k not in batch]
+    if missing:
+        raise corrupt_file_error(path, layout, f"no {', '.join(missing)} entry")
+    data = np.asarray(batch["data"], dtype=np.uint8)
+    labels = np.asarray(batch[layout.label_key], dtype=np.int64)
+    if data.size != len(labels) * 3072:
+        raise corrupt_file_error(path, layout, f"{data.size} pixel bytes for {len(labels)} labels")
+    return data.reshape(-1, 3072), labels
+
+
+def _read_batches(folder: Path, names: tuple[str, ...], layout: CifarLayout) -> tuple[np.ndarray, np.ndarray]:
+    batches = [_batch_arrays(folder / name, layout) for name in names]
+    images = np.concatenate([data for data, _ in batches]).reshape(-1, 3, 32, 32)
+    labels = np.concatenate([labels for _, labels in batches])
     images.flags.writeable = False  # shared through the in-process cache
     labels.flags.writeable = False
     return images, labels
@@ -87,9 +114,12 @@ def _load_folder(folder: str, kind: str, stamp: tuple[tuple[str, int, int], ...]
     # `stamp` (name, size, mtime) keys the cache so a rewritten folder is read again; 2 entries bound memory.
     del stamp
     layout, path = LAYOUTS[kind], Path(folder)
-    train_images, train_labels = _read_batches(path, layout.train_files, layout.label_key)
-    test_images, test_labels = _read_batches(path, (layout.test_file,), layout.label_key)
-    names = tuple(str(n) for n in _read_pickle(path / layout.meta_file)[layout.names_key])
+    train_images, train_labels = _read_batches(path, layout.train_files, layout)
+    test_images, test_labels = _read_batches(path, (layout.test_file,), layout)
+    meta = _read_pickle(path / layout.meta_file, layout)
+    if layout.names_key not in meta:
+        raise corrupt_file_error(path / layout.meta_file, layout, f"no {layout.names_key} entry")
+    names = tuple(str(n) for n in meta[layout.names_key])
     return RawData(train_images, train_labels, test_images, test_labels, names, str(path))
 
 
@@ -125,7 +155,14 @@ def load_cifar(kind: str, data_root: str | None = None, download: bool = False) 
     return _load_folder(str(folder), kind, stamp)
 
 
+def check_profile(profile: str) -> None:
+    """Refuse an unknown profile before any file is read or downloaded (`build_lt` would only notice after)."""
+    if profile not in PROFILES:
+        raise HarnessError(f"unknown data profile '{profile}'; known profiles: {', '.join(PROFILES)}")
+
+
 def _build(kind: str, dataset: str, default_n_max: int, **kw) -> LTData:
+    check_profile(kw["profile"])
     raw = load_cifar(kind, kw.pop("data_root"), kw.pop("download"))
     n_max = kw.pop("n_max")
     return build_lt(

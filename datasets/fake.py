@@ -76,3 +76,25 @@ def write_fake_cifar(
         {"label_names": list(CIFAR10_CLASSES), "num_cases_per_batch": len(train_y) // 5, "num_vis": 3072},
     )
     return root
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    # IDX: two zero bytes, type 0x08 (uint8), the number of dims, each dim as a big-endian uint32, then the bytes.
+    header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
+    path.write_bytes(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+
+
+def write_fake_fmnist(root: str | Path, per_class_train: int = 600, per_class_test: int = 20, seed: int = 0) -> Path:
+    """Write the four uncompressed Fashion-MNIST IDX files (10 classes of 28x28 noise-plus-grey-level images)
+    into `root` and return it; `datasets.fmnist_lt` reads them like the real ones via --data-root."""
+    from harness.datasets.fmnist_lt import IDX_FILES
+
+    root, rng = Path(root), np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    levels = rng.integers(0, 256, size=10, dtype=np.uint8)
+    for (images_name, labels_name), per_class in zip((IDX_FILES[:2], IDX_FILES[2:]), (per_class_train, per_class_test)):
+        labels = _labels(10, per_class, rng).astype(np.uint8)
+        noise = rng.integers(0, 256, size=(len(labels), 28, 28), dtype=np.uint8)
+        _write_idx(root / images_name, noise // 2 + levels[labels][:, None, None] // 2)
+        _write_idx(root / labels_name, labels)
+    return root

@@ -6,6 +6,7 @@ unchanged. Long-tail profiles, counts and manifests are those of CIFAR-LT (`data
 from __future__ import annotations
 
 import gzip
+import zlib
 from functools import lru_cache
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import numpy as np
 from harness.data import DatasetSpec, LTData
 from harness.datasets.augment import SMALL_IMAGE_AUGMENTATIONS
 from harness.datasets._select import PROFILES, RawData, build_lt
-from harness.datasets.cifar_lt import DEFAULT_DATA_ROOT
+from harness.datasets.cifar_lt import DEFAULT_DATA_ROOT, check_profile
 from harness.errors import HarnessError
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -29,19 +30,32 @@ FMNIST_MEAN = (0.2190, 0.2190, 0.2190)
 FMNIST_STD = (0.3318, 0.3318, 0.3318)
 
 
+def corrupt_file_error(path: Path, problem: str) -> HarnessError:
+    """The one line for a damaged IDX file: which file, what is wrong, and how to get an intact copy."""
+    return HarnessError(
+        f"{path} is not a readable Fashion-MNIST IDX file ({problem}); reinstall the Debian package "
+        "(`apt-get install --reinstall dataset-fashion-mnist`) or point --data-root at a folder with intact files"
+    )
+
+
 def read_idx(path: Path) -> np.ndarray:
     """Parse one IDX file (gzipped or not) of unsigned bytes into a read-only uint8 array of its stated shape."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        blob = f.read()
+    try:
+        with opener(path, "rb") as f:
+            blob = f.read()
+    except (OSError, EOFError, zlib.error) as error:  # a cut or damaged .gz fails while decompressing
+        raise corrupt_file_error(path, f"{type(error).__name__}: {error}") from None
     # Header: two zero bytes, a type code (0x08 = uint8), the number of dims, then each dim as a big-endian uint32.
-    if len(blob) < 4 or blob[:2] != b"\0\0" or blob[2] != 0x08:
-        raise HarnessError(f"{path} is not a uint8 IDX file; replace it with the original Fashion-MNIST file")
+    if len(blob) < 4 or blob[:2] != b"\0\0" or blob[2] != 0x08 or len(blob) < 4 + 4 * blob[3]:
+        raise corrupt_file_error(path, "no uint8 IDX header")
     ndim = blob[3]
     dims = tuple(int(d) for d in np.frombuffer(blob, dtype=">u4", count=ndim, offset=4))
     offset = 4 + 4 * ndim
-    if len(blob) - offset != int(np.prod(dims)):
-        raise HarnessError(f"{path} is truncated: header says {dims}; replace it with the original file")
+    expected, found = int(np.prod(dims)), len(blob) - offset
+    if found != expected:
+        which = "truncated" if found < expected else "too long"
+        raise corrupt_file_error(path, f"{which}: the header says {dims}, {expected} bytes, the file has {found}")
     return np.frombuffer(blob, dtype=np.uint8, offset=offset).reshape(dims)
 
 
@@ -120,6 +134,7 @@ def build_fmnistlt(
     Profiles, validation and test subsets work as in `datasets.cifar_lt.build_cifar100lt`; the pool holds 6,000
     training and 1,000 test images per class.
     """
+    check_profile(profile)
     raw = load_fmnist(data_root, download)
     return build_lt(
         raw,

@@ -1,5 +1,7 @@
-"""`harness` command line. Only this module reads argv; every subcommand lives in its own module, which adds its
-parser with `add_parser(subparsers)` and sets `func`. A `HarnessError` becomes one line on stderr and exit code 2."""
+"""`harness` command line. Only this module reads argv; every subcommand lives in its own module under
+harness/commands/ (the only layer that imports studies), which adds its parser with `add_parser(subparsers)` and sets
+`func`. Building the parser imports no torch, mlflow, pandas or optuna (each command imports them when it runs), so
+`--help` is instant. A `HarnessError` becomes one line on stderr and exit code 2."""
 
 from __future__ import annotations
 
@@ -19,8 +21,9 @@ COMMAND_MODULES = (
     "harness.commands.inspect",
     "harness.commands.bench",
     "harness.commands.ui",
-    "harness.studies.report_cli",
-    "harness.studies.tune_cli",
+    "harness.commands.tracking",
+    "harness.commands.report",
+    "harness.commands.tune",
 )
 
 
@@ -34,6 +37,9 @@ class OneLineParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="harness", description="Long-tailed recognition benchmark and ablations.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    parser.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="MODULE",
+                        help="import MODULE (on the path) before the command, so the methods, datasets and tables "
+                             "it registers can be named; repeatable; worker processes import it too")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
         try:
@@ -53,6 +59,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
     try:
+        if args.plugins:
+            from harness.plugins import add_plugins
+
+            add_plugins(args.plugins)
         return int(args.func(args) or 0)
     except HarnessError as error:
         if args.verbose:

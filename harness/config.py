@@ -9,11 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from harness.errors import HarnessError
+
+if TYPE_CHECKING:  # harness.method imports torch; the command line reads this module without it
+    from harness.method import Stage
+
+# The fields of a Stage that `--set stage.<name>.<field>=value` may override (type-checked like other keys).
+STAGE_OVERRIDES = ("epochs", "peak_lr", "warmup_epochs", "schedule", "freeze_bn")
 
 
 @dataclass(frozen=True)
@@ -32,20 +39,17 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 0.05  # the official CLI lr; the `code` schedule warms up from it to the peaks below
+    lr: float = 0.05  # the official CLI lr; the `code` schedule warms up from it to each stage's peak
     momentum: float = 0.9
     weight_decay: float = 5e-4
     batch_size: int = 128
     schedule: str = "code"  # code: official warm-up + cosine per stage; paper: cosine from lr to 0, restarted
-    warmup_epochs: int = 5
-    peak_lr: float = 0.15  # official stage-1 peak (cifarTrain.py:105-112)
-    crt_peak_lr: float = 0.1  # official stage-2 peak (cifarTrain.py:113-120)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 180  # representation stage
-    crt_epochs: int = 20  # classifier re-training stage; one-stage methods train epochs + crt_epochs
+    epochs: int = 0  # total over all stages, split in the method's own proportions (SHIKE 9:1); 0: its recipe (200)
+    stage_epochs: str = ""  # "E1+E2": each stage's epochs in order (a one-stage method trains the sum)
     seed: int = 0
     eval_interval: int = 1  # test evaluation every k epochs (logged only, never used to select); 0: final only
     eval_test: bool = True  # False (tuning trials): evaluate the validation split only, never the test split
@@ -67,51 +71,34 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     preset: str = "shike-code"
+    stage_args: tuple[tuple[str, Any], ...] = ()  # ("classifier.peak_lr", 0.05): `--set stage.<name>.<field>=v`
 
     @property
     def method_kwargs(self) -> dict[str, Any]:
         return dict(self.method_args)
 
 
-# Presets are named after their source (reference/shike-official-code.md section 7). Method keys apply to a
-# method only where its builder has that switch. alpha/beta are in batch-mean KL units (findings.md): 0.1/0.01
-# is exactly the official loss on CIFAR-100 and keeps its per-sample strength on other class counts.
+# One base, then each preset as its differences from it (reference/shike-official-code.md section 7). The base is
+# what the official code does. Method keys apply to a method only where its builder has that switch. alpha/beta
+# are in batch-mean KL units (findings.md): 0.1/0.01 is exactly the official loss on CIFAR-100 and keeps its
+# per-sample strength on other class counts.
+BASE: dict[str, Any] = {
+    "optim.schedule": "code",
+    "data.augment": "autoaugment",
+    "method.head": "cosine",
+    "method.shortcut": "B",
+    "method.alpha": 0.1,
+    "method.beta": 0.01,
+    "method.kl_reduction": "batchmean",
+    "method.dkt_variant": "code",
+    "method.align_relu": "code",
+}
 PRESETS: dict[str, dict[str, Any]] = {
-    "shike-code": {
-        "optim.schedule": "code",
-        "data.augment": "autoaugment",
-        "method.head": "cosine",
-        "method.shortcut": "B",
-        "method.alpha": 0.1,
-        "method.beta": 0.01,
-        "method.kl_reduction": "batchmean",
-        "method.dkt_variant": "code",
-        "method.align_relu": "code",
-    },
+    "shike-code": {},
     # The literal official units: KL averaged over B*C with alpha = 10, beta = 1 (weaker by 1/C per sample).
-    "shike-code-literal": {
-        "optim.schedule": "code",
-        "data.augment": "autoaugment",
-        "method.head": "cosine",
-        "method.shortcut": "B",
-        "method.alpha": 10.0,
-        "method.beta": 1.0,
-        "method.kl_reduction": "mean",
-        "method.dkt_variant": "code",
-        "method.align_relu": "code",
-    },
+    "shike-code-literal": {"method.alpha": 10.0, "method.beta": 1.0, "method.kl_reduction": "mean"},
     # The paper's wording where it differs: linear heads, lr 0.05 cosine to 0 restarted, (C-1)-way DKT.
-    "shike-paper": {
-        "optim.schedule": "paper",
-        "data.augment": "autoaugment",
-        "method.head": "linear",
-        "method.shortcut": "B",
-        "method.alpha": 0.1,
-        "method.beta": 0.01,
-        "method.kl_reduction": "batchmean",
-        "method.dkt_variant": "paper",
-        "method.align_relu": "code",
-    },
+    "shike-paper": {"optim.schedule": "paper", "method.head": "linear", "method.dkt_variant": "paper"},
 }
 
 
@@ -174,10 +161,12 @@ def apply_overrides(
     strict_method False (preset values), method keys the builder lacks are skipped instead of refused.
     """
     sections = {name: getattr(cfg, name) for name in _section_keys()}
-    method_args = dict(cfg.method_args)
+    method_args, stage_args = dict(cfg.method_args), dict(cfg.stage_args)
     for key, raw in overrides.items():
         section, _, name = key.partition(".")
-        if section == "method":
+        if section == "stage":
+            stage_args[name] = _stage_value(key, name, raw)
+        elif section == "method":
             if name not in method_defaults:
                 if not strict_method:
                     continue
@@ -190,25 +179,72 @@ def apply_overrides(
             sections[section] = replace(sections[section], **{name: _coerce(key, raw, current)})
         else:
             known = ", ".join(f"{s}.{f.name}" for s, obj in sections.items() for f in fields(obj))
-            raise HarnessError(f"unknown config key '{key}'; known keys: {known}, method.<switch>")
-    return replace(cfg, method_args=tuple(sorted(method_args.items())), **sections)
+            raise HarnessError(f"unknown config key '{key}'; known keys: {known}, method.<switch>, "
+                               "stage.<stage>.<field>")
+    return replace(cfg, method_args=tuple(sorted(method_args.items())), stage_args=tuple(sorted(stage_args.items())),
+                   **sections)
 
 
-def resolve(
+def _stage_value(key: str, name: str, raw: Any) -> Any:
+    """`stage.<stage>.<field>`: the field must be one a stage lets the config override; the stage name is checked
+    against the method's stages when it is built (`stage_overrides`)."""
+    stage, _, field_name = name.partition(".")
+    if not stage or field_name not in STAGE_OVERRIDES:
+        raise HarnessError(f"--set {key}: expected stage.<stage name>.<field> with field one of "
+                           f"{', '.join(STAGE_OVERRIDES)}")
+    from harness.method import Stage
+
+    default = {f.name: f.default for f in fields(Stage)}[field_name]
+    return _coerce(key, raw, default) if default is not None else str(raw)
+
+
+def stage_overrides(stages: tuple[Stage, ...], stage_args: tuple[tuple[str, Any], ...]) -> tuple[Stage, ...]:
+    """The method's stages with `--set stage.<name>.<field>` applied; an unknown stage name is an error."""
+    names = [s.name for s in stages]
+    changes: dict[str, dict[str, Any]] = {}
+    for key, value in stage_args:
+        stage, _, field_name = key.partition(".")
+        if stage not in names:
+            raise HarnessError(f"--set stage.{key}: this method has no stage '{stage}'; its stages: {', '.join(names)}")
+        changes.setdefault(stage, {})[field_name] = value
+    return tuple(replace(s, **changes.get(s.name, {})) for s in stages)
+
+
+def resolve_config(
     method: str,
-    builder: Callable[..., Any],
     *,
     preset: str = "shike-code",
-    overrides: Mapping[str, Any] | None = None,
+    dataset: str | None = None,
+    imbalance_factor: float | None = None,
+    seed: int | None = None,
+    epochs: str | None = None,
+    device: str | None = None,
+    data_root: str | None = None,
+    download: bool | None = None,
+    switches: Mapping[str, Any] | None = None,
+    overrides: Mapping[str, Any] | Iterable[str] | None = None,
     base: RunConfig | None = None,
 ) -> RunConfig:
-    """Build the resolved config: defaults -> preset -> method defaults -> explicit overrides."""
+    """The one way a run's config is made (CLI, ablation rows, tuning trials alike), in this order:
+    defaults -> BASE -> preset -> the builder's own defaults for keys neither sets -> flags (dataset, --if,
+    --seeds, --epochs, --device, ...) -> a table row's switches -> `--set key=value` (strings or a mapping)."""
+    from harness.registry import METHODS
+
     if preset not in PRESETS:
         raise HarnessError(f"unknown preset '{preset}'; known presets: {', '.join(sorted(PRESETS))}")
-    defaults = builder_defaults(builder)
+    defaults = builder_defaults(METHODS.get(method))
     cfg = replace(base or RunConfig(), method=method, preset=preset, method_args=tuple(sorted(defaults.items())))
-    cfg = apply_overrides(cfg, PRESETS[preset], defaults, strict_method=False)
-    return apply_overrides(cfg, overrides or {}, defaults)
+    cfg = apply_overrides(cfg, {**BASE, **PRESETS[preset]}, defaults, strict_method=False)
+    flags = {"data.dataset": dataset, "data.imbalance_factor": imbalance_factor, "train.seed": seed,
+             "train.device": device, "data.data_root": data_root, "data.download": download}
+    explicit: dict[str, Any] = {k: v for k, v in flags.items() if v is not None}
+    if epochs:
+        explicit.update(parse_epochs(epochs))
+    explicit.update({f"method.{k}": v for k, v in (switches or {}).items()})
+    if overrides is not None and not isinstance(overrides, Mapping):
+        overrides = parse_assignments(overrides)
+    explicit.update(overrides or {})
+    return apply_overrides(cfg, explicit, defaults)
 
 
 def flatten(cfg: RunConfig) -> dict[str, Any]:
@@ -219,19 +255,44 @@ def flatten(cfg: RunConfig) -> dict[str, Any]:
             flat[f"{section}.{key}"] = value
     for key, value in cfg.method_args:
         flat[f"method.{key}"] = value
+    for key, value in cfg.stage_args:
+        flat[f"stage.{key}"] = value
     return flat
 
 
-def parse_epochs(text: str) -> tuple[int, int]:
-    """`--epochs`: "E1+E2" sets both stages; a single E keeps the official 180:20 ratio (E + ceil(E/9))."""
+def parse_epochs(text: str) -> dict[str, Any]:
+    """`--epochs`: "E" is E epochs in all, split in the method's own stage proportions (200 -> 180 + 20 for SHIKE);
+    "E1+E2" sets each stage's epochs in order."""
+    parts = text.split("+")
     try:
-        if "+" in text:
-            first, second = (int(part) for part in text.split("+", 1))
-        else:
-            first = int(text)
-            second = -(-first // 9)
+        values = [int(part) for part in parts]
     except ValueError:
-        raise HarnessError(f"--epochs expects E or E1+E2 (e.g. 180+20), got '{text}'") from None
-    if first < 1 or second < 0:
+        raise HarnessError(f"--epochs expects E or E1+E2 (e.g. 200 or 180+20), got '{text}'") from None
+    if any(v < 0 for v in values) or values[0] < 1:
         raise HarnessError(f"--epochs must be positive, got '{text}'")
-    return first, second
+    if len(values) == 1:
+        return {"train.epochs": values[0], "train.stage_epochs": ""}
+    return {"train.stage_epochs": "+".join(map(str, values)), "train.epochs": 0}
+
+
+def plan_epochs(stages: tuple[Stage, ...], train: TrainConfig) -> list[int]:
+    """Each stage's epochs: `stage_epochs` one by one (a one-stage method trains their sum; the last stage takes
+    any surplus), else `epochs` split in the stages' own proportions (largest remainder, at least 1 each), else the
+    stages' own recipe."""
+    own = [s.epochs for s in stages]
+    if train.stage_epochs:
+        given = [int(p) for p in train.stage_epochs.split("+")]
+        if len(given) < len(stages):
+            raise HarnessError(f"train.stage_epochs={train.stage_epochs} gives {len(given)} stages, but the method "
+                               f"has {len(stages)}: {', '.join(s.name for s in stages)}")
+        return given[: len(stages) - 1] + [sum(given[len(stages) - 1:])]
+    if not train.epochs or train.epochs == sum(own):
+        return own
+    if train.epochs < len(stages):
+        raise HarnessError(f"train.epochs={train.epochs} is fewer than the method's {len(stages)} stages")
+    exact = [train.epochs * e / sum(own) for e in own]
+    out = [max(1, math.floor(x)) for x in exact]
+    by_remainder = sorted(range(len(own)), key=lambda i: (-(exact[i] - math.floor(exact[i])), i))
+    for i in by_remainder[: max(0, train.epochs - sum(out))]:
+        out[i] += 1
+    return out

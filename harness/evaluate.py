@@ -56,27 +56,33 @@ def predict(model: LTModel, split: Split, mean, std, device: torch.device, batch
     return Predictions(torch.cat(logits), torch.cat(experts, dim=1), split.labels.to(device))
 
 
-def quick_metrics(preds: Predictions, class_counts: tuple[int, ...] | list[int]) -> dict[str, float]:
-    """top-1 and many/medium/few on the predictions' device with a single host read (per-epoch evaluation)."""
-    num_classes = len(class_counts)
+def per_class_accuracy(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Fraction correct per class (0 for a class with no test samples), on the inputs' device."""
+    correct = torch.zeros(num_classes, device=labels.device).index_add_(0, labels, (pred == labels).float())
+    total = torch.zeros(num_classes, device=labels.device).index_add_(0, labels, torch.ones_like(labels,
+                                                                                               dtype=torch.float))
+    return correct / total.clamp(min=1)
+
+
+def accuracy_metrics(preds: Predictions, class_counts: tuple[int, ...] | list[int]) -> tuple[dict[str, float],
+                                                                                             np.ndarray]:
+    """top-1, balanced accuracy (mean per-class accuracy) and many/medium/few (mean per-class accuracy over the
+    group's classes; NaN for an empty group), in percent, with the per-class accuracies. The one implementation
+    behind both the per-epoch and the final evaluation; a single host read wherever the predictions live."""
     labels = preds.labels
-    correct = (preds.logits.argmax(dim=1) == labels).float()
-    hits = torch.zeros(num_classes, device=labels.device).index_add_(0, labels, correct)
-    totals = torch.zeros(num_classes, device=labels.device).index_add_(0, labels, torch.ones_like(correct))
-    per_class = hits / totals.clamp(min=1)
-    groups = shot_groups(class_counts)
-    parts = [correct.mean(), per_class.mean()] + [
-        per_class[torch.tensor(c, device=labels.device)].mean() if c else torch.tensor(float("nan"),
-                                                                                    device=labels.device)
-        for c in groups.values()]
-    values = (100.0 * torch.stack(parts)).tolist()
-    return dict(zip(["top1", "balanced_acc", *groups], values))
+    pred = preds.logits.argmax(dim=1)
+    per_class_t = per_class_accuracy(pred, labels, len(class_counts))
+    host = torch.cat([(pred == labels).float().mean().view(1), per_class_t]).cpu().numpy()
+    per_class = host[1:]
+    metrics = {"top1": 100.0 * float(host[0]), "balanced_acc": 100.0 * float(per_class.mean())}
+    for group, classes in shot_groups(class_counts).items():
+        metrics[group] = 100.0 * float(per_class[classes].mean()) if classes else float("nan")
+    return metrics, per_class
 
 
-def per_class_accuracy(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> np.ndarray:
-    correct = torch.zeros(num_classes).index_add_(0, labels, (pred == labels).float())
-    total = torch.zeros(num_classes).index_add_(0, labels, torch.ones_like(labels, dtype=torch.float))
-    return (correct / total.clamp(min=1)).numpy()
+def quick_metrics(preds: Predictions, class_counts: tuple[int, ...] | list[int]) -> dict[str, float]:
+    """The per-epoch figures: top-1, balanced accuracy and many/medium/few."""
+    return accuracy_metrics(preds, class_counts)[0]
 
 
 def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> float:
@@ -105,19 +111,18 @@ def summarize(preds: Predictions, class_counts: tuple[int, ...] | list[int]) -> 
     preds = Predictions(preds.logits.cpu(), preds.expert_logits.cpu(), preds.labels.cpu())
     labels = preds.labels
     probs = F.softmax(preds.logits, dim=1)
-    pred = preds.logits.argmax(dim=1)
     top5 = preds.logits.topk(min(5, num_classes), dim=1).indices
-    per_class = per_class_accuracy(pred, labels, num_classes)
+    accuracy, per_class = accuracy_metrics(preds, class_counts)
     metrics = {
-        "top1": 100.0 * float((pred == labels).float().mean()),
+        "top1": accuracy["top1"],
         "top5": 100.0 * float((top5 == labels[:, None]).any(dim=1).float().mean()),
-        "balanced_acc": 100.0 * float(per_class.mean()),
+        "balanced_acc": accuracy["balanced_acc"],
         "ece": 100.0 * expected_calibration_error(probs, labels),
         "nll": float(F.cross_entropy(preds.logits, labels)),
+        **{group: accuracy[group] for group in ("many", "medium", "few")},
     }
-    for group, classes in shot_groups(class_counts).items():
-        metrics[group] = 100.0 * float(per_class[classes].mean()) if classes else float("nan")
-    expert_acc = np.stack([per_class_accuracy(e.argmax(dim=1), labels, num_classes) for e in preds.expert_logits])
+    expert_acc = np.stack([per_class_accuracy(e.argmax(dim=1), labels, num_classes).numpy()
+                           for e in preds.expert_logits])
     for m, acc in enumerate(expert_acc):
         metrics[f"expert{m}_top1"] = 100.0 * float(acc.mean())
     details = {
@@ -127,3 +132,21 @@ def summarize(preds: Predictions, class_counts: tuple[int, ...] | list[int]) -> 
         "class_counts": np.asarray(class_counts),
     }
     return metrics, details
+
+
+class Evaluator:
+    """One evaluator per run: forwards a split and summarises it, per epoch (`quick`) or at the end (`full`)."""
+
+    def __init__(self, class_counts: tuple[int, ...] | list[int], mean, std, device: torch.device,
+                 autocast: bool = False) -> None:
+        self.class_counts, self.mean, self.std = tuple(class_counts), mean, std
+        self.device, self.autocast = device, autocast
+
+    def predict(self, model: LTModel, split: Split) -> Predictions:
+        return predict(model, split, self.mean, self.std, self.device, autocast=self.autocast)
+
+    def quick(self, model: LTModel, split: Split) -> dict[str, float]:
+        return quick_metrics(self.predict(model, split), self.class_counts)
+
+    def full(self, model: LTModel, split: Split) -> tuple[dict[str, float], dict]:
+        return summarize(self.predict(model, split), self.class_counts)

@@ -66,10 +66,13 @@ class LossTerm:
 
 @dataclass(frozen=True)
 class Stage:
-    """One training stage.
+    """One training stage; it owns its length and learning-rate schedule, so a method with a third stage (a post-hoc
+    or LWS step, say) adds a `Stage` in its builder and changes no engine file.
 
-    budget: which epoch budget of the config it uses: "representation" (train.epochs), "classifier"
-    (train.crt_epochs) or "all" (their sum, for one-stage methods).
+    epochs: the stage's length in the method's own recipe (SHIKE: 180 then 20). `train.epochs=E` rescales every
+    stage of a method by E / (sum of its stages' epochs); `train.stage_epochs="E1+E2"` sets them one by one.
+    peak_lr / warmup_epochs: the `code` schedule (official warm-up then cosine, restarted per stage).
+    schedule: "code" or "paper" for this stage; None follows `optim.schedule` (the preset's choice).
     trainable: the parameter groups that train; everything else is frozen (requires_grad False).
     head: the classifier set used in this stage and afterwards at evaluation.
     freeze_bn: BN layers in eval mode during this stage (the official code keeps them updating).
@@ -77,7 +80,10 @@ class Stage:
 
     name: str
     losses: tuple[LossTerm, ...]
-    budget: str = "representation"
+    epochs: int = 200
+    peak_lr: float = 0.15
+    warmup_epochs: int = 5
+    schedule: str | None = None
     trainable: tuple[str, ...] = ("backbone", "head")
     head: str = "head"
     freeze_bn: bool = False

@@ -1,51 +1,97 @@
-"""Progress bars (rich) for long work: one bar per run, advanced per batch, and an optional outer bar over runs."""
+"""Progress for long work: in a terminal, one rich bar per run advanced per batch (plus an outer bar over runs);
+when stderr is not a terminal (a log file, CI), one plain line per epoch: run, stage, epoch, loss, elapsed, ETA."""
 
 from __future__ import annotations
 
+import sys
+import time
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from harness.hooks import Hook
+
 console = Console(stderr=True)
 
 
-class RunProgress:
-    """The trainer's progress sink: start_stage / advance_batch / end_epoch, rendered as a rich bar."""
-
-    def __init__(self, progress: Progress, label: str, total_batches: int) -> None:
-        self.progress, self.label = progress, label
-        self.task = progress.add_task(label, total=total_batches)
-        self.stage, self.epoch, self.epochs = "", 0, 0
-
-    def start_stage(self, name: str, epochs: int, first: int, batches_per_epoch: int) -> None:
-        self.stage, self.epoch, self.epochs = name, first, epochs
-        self.progress.advance(self.task, first * batches_per_epoch)
-        self._describe("")
-
-    def advance_batch(self) -> None:
-        self.progress.advance(self.task)
-
-    def end_epoch(self, metrics: dict[str, float]) -> None:
-        self.epoch += 1
-        self._describe(f"loss {metrics.get('loss/total', float('nan')):.3f}")
-
-    def _describe(self, extra: str) -> None:
-        text = f"{self.label} {self.stage} {self.epoch}/{self.epochs} {extra}"
-        self.progress.update(self.task, description=text)
-
-    def close(self) -> None:
-        self.progress.update(self.task, completed=self.progress.tasks[self.task].total)
+def _clock(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def make_progress() -> Progress:
+class ProgressHook(Hook):
+    """The trainer's progress: a bar advanced per batch (terminal), or a line per epoch (logs)."""
+
+    def __init__(self, progress: Progress | None, label: str, batches_per_epoch: int) -> None:
+        self.progress, self.label, self.batches = progress, label, batches_per_epoch
+        self.task = None
+        self.started = time.perf_counter()
+        self.done_epochs = 0  # epochs run in this process (ETA excludes those a resumed run skipped)
+
+    def before_train(self, trainer: Any) -> None:
+        self.total = trainer.total_epochs
+        stage, epoch = trainer.start
+        self.skipped = trainer.stages[stage].first_global_epoch + epoch if stage < len(trainer.stages) else self.total
+        if self.progress is not None:
+            self.task = self.progress.add_task(self.label, total=self.total * self.batches,
+                                               completed=self.skipped * self.batches)
+
+    def before_stage(self, trainer: Any, stage: Any) -> None:
+        self.stage = stage
+        self._describe(trainer.first_epoch, "")
+
+    def after_step(self, trainer: Any) -> None:
+        if self.task is not None:
+            self.progress.advance(self.task)
+
+    def after_epoch(self, trainer: Any, epoch: int, metrics: dict[str, Any]) -> None:
+        self.done_epochs += 1
+        loss = metrics.get("loss/total", float("nan"))
+        within = epoch - self.stage.first_global_epoch + 1
+        if self.task is not None:
+            self._describe(within, f"loss {loss:.3f}")
+            return
+        elapsed = time.perf_counter() - self.started
+        left = self.total - self.skipped - self.done_epochs
+        eta = elapsed / self.done_epochs * left
+        extra = "".join(f" {k.split('/', 1)[1]} {v:.2f}" for k, v in metrics.items() if k == "test/top1")
+        print(f"{self.label} {self.stage.stage.name} epoch {within}/{self.stage.epochs} (run {epoch + 1}/{self.total})"
+              f" loss {loss:.4f}{extra} elapsed {_clock(elapsed)} eta {_clock(eta)}", file=sys.stderr, flush=True)
+
+    def after_train(self, trainer: Any) -> None:
+        if self.task is not None:
+            self.progress.update(self.task, completed=self.total * self.batches)
+
+    def _describe(self, epoch: int, extra: str) -> None:
+        if self.task is not None:
+            text = f"{self.label} {self.stage.stage.name} {epoch}/{self.stage.epochs} {extra}"
+            self.progress.update(self.task, description=text)
+
+
+def make_progress() -> Progress | NullProgress:
+    """Bars in a terminal; otherwise a stand-in whose runs print one line per epoch."""
+    if not console.is_terminal:
+        return NullProgress()
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     TimeRemainingColumn(), console=console, transient=False)
 
 
 class NullProgress:
+    """`make_progress()` off a terminal: no bars (outer tasks are no-ops); each run logs lines instead."""
+
     def __enter__(self) -> NullProgress:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         return None
+
+    def add_task(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def advance(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def progress_hook(progress: Progress | NullProgress, label: str, feeder: Any) -> ProgressHook:
+    return ProgressHook(progress if isinstance(progress, Progress) else None, label, len(feeder))

@@ -7,35 +7,33 @@ same MLflow run and skips a finished one.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import platform
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from harness.registry import DATASETS
-from harness.data import LTData, Split
 from harness import __version__
 from harness.checkpoint import load_json, save_json
-from harness.config import RunConfig, flatten
+from harness.config import RunConfig, flatten, plan_epochs, stage_overrides
+from harness.data import LTData, Split
 from harness.errors import HarnessError
-from harness.evaluate import predict, quick_metrics, summarize
+from harness.evaluate import Evaluator
 from harness.feeders import make_feeder
-from harness.progress import RunProgress
+from harness.hooks import Hook
+from harness.method import MethodSpec
+from harness.naming import checkpoint_dir
+from harness.progress import progress_hook
+from harness.registry import DATASETS, METHODS
 from harness.seeding import seed_everything, set_deterministic
 from harness.tracking import Tracker, runs_dir
 from harness.trainer import Trainer
-from harness.registry import METHODS
-from harness.method import MethodSpec
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-EvalCallback = Callable[[int, dict[str, float]], None]  # (epoch, metrics) -> None; may raise to stop a trial
 
 
 @dataclass
@@ -45,6 +43,7 @@ class RunResult:
     metrics: dict[str, float]
     wall_time_s: float
     skipped: bool = False
+    stopped: str | None = None  # a hook's reason for stopping early (e.g. "pruned"); metrics are then empty
     details: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
@@ -57,8 +56,11 @@ def build_data(cfg: RunConfig) -> LTData:
 
 
 def build_method(cfg: RunConfig, data: LTData) -> MethodSpec:
+    """The method's model, losses and stages, with `--set stage.<name>.<field>` applied to its stages."""
     builder = METHODS.get(cfg.method)
-    return builder(num_classes=data.num_classes, class_counts=tuple(data.class_counts), **cfg.method_kwargs)
+    spec = builder(num_classes=data.num_classes, class_counts=tuple(data.class_counts), **cfg.method_kwargs)
+    spec.stages = stage_overrides(spec.stages, cfg.stage_args)
+    return spec
 
 
 def resolve_device(name: str) -> torch.device:
@@ -87,32 +89,39 @@ def environment(device: torch.device) -> dict[str, str]:
             "python": platform.python_version(), **git_info()}
 
 
-def config_hash(cfg: RunConfig) -> str:
-    return hashlib.sha256(json.dumps(flatten(cfg), sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def checkpoint_dir(experiment: str, run_name: str, cfg: RunConfig) -> Path:
-    safe = experiment.replace("/", "_")
-    return runs_dir() / "checkpoints" / safe / f"{run_name}-{config_hash(cfg)}"
-
-
 def _to_device(split: Split, device: torch.device) -> Split:
     return Split(split.images.to(device), split.labels.to(device))
 
 
-class _EpochLogger:
-    """Per-epoch hook: buffer losses and lr, and evaluate every `eval_interval` epochs (logged, never selected).
-    The buffer goes to MLflow in one batch when a checkpoint is written, so logged history and checkpoint agree."""
+class EvaluationHook(Hook):
+    """Evaluates every `train.eval_interval` epochs (logged, never used to select) and adds the figures to the
+    epoch's metrics, so the hooks after it (tracking, pruning) see them. The final epoch is left to `Run`."""
 
-    def __init__(self, run: Run, total_epochs: int) -> None:
-        self.run, self.total = run, total_epochs
+    def __init__(self, run: Run) -> None:
+        self.run = run
+
+    def after_epoch(self, trainer: Trainer, epoch: int, metrics: dict[str, Any]) -> None:
+        interval = self.run.cfg.train.eval_interval
+        if interval > 0 and (epoch + 1) % interval == 0 and epoch + 1 != trainer.total_epochs:
+            metrics.update(self.run.evaluate(full=False))
+
+
+class TrackingHook(Hook):
+    """Buffers each epoch's metrics and sends them to MLflow in one batch when a checkpoint is written, so the logged
+    history and the checkpoint always agree (a resumed run logs each step exactly once)."""
+
+    def __init__(self, run: Run, started: float) -> None:
+        self.run, self.started = run, started
         self.rows: list[tuple[int, dict[str, float]]] = []
 
-    def __call__(self, epoch: int, metrics: dict[str, float]) -> None:
+    def after_epoch(self, trainer: Trainer, epoch: int, metrics: dict[str, Any]) -> None:
         self.rows.append((epoch, dict(metrics)))
-        interval = self.run.cfg.train.eval_interval
-        if interval > 0 and (epoch + 1) % interval == 0 and epoch + 1 != self.total:
-            self.rows.append((epoch, self.run.evaluate(full=False, epoch=epoch)))
+
+    def after_checkpoint(self, trainer: Trainer) -> None:
+        self.flush()
+        elapsed = time.perf_counter() - self.started
+        save_json(self.run.folder / "state.json", {"run_id": self.run.run_id, "finished": False,
+                                                   "elapsed_s": elapsed})
 
     def flush(self) -> None:
         self.run.tracker.log_metric_rows(self.run.run_id, self.rows)
@@ -120,14 +129,15 @@ class _EpochLogger:
 
 
 class Run:
-    """The glue object for one run; `execute()` is the whole pipeline."""
+    """The glue object for one run; `execute()` is the whole pipeline. `hooks` are added after the run's own
+    (evaluation, tracking, progress), so they see each epoch's evaluation."""
 
-    def __init__(self, cfg: RunConfig, tracker: Tracker, experiment: str, run_name: str,
+    def __init__(self, cfg: RunConfig, tracker: Tracker, experiment: str, run_name: str, *,
                  parent_run_id: str | None = None, tags: dict[str, Any] | None = None,
-                 on_eval: EvalCallback | None = None) -> None:
+                 hooks: Sequence[Hook] = ()) -> None:
         self.cfg, self.tracker, self.experiment, self.name = cfg, tracker, experiment, run_name
-        self.parent_run_id, self.extra_tags, self.on_eval = parent_run_id, tags or {}, on_eval
-        self.folder = checkpoint_dir(experiment, run_name, cfg)
+        self.parent_run_id, self.extra_tags, self.extra_hooks = parent_run_id, tags or {}, list(hooks)
+        self.folder = checkpoint_dir(runs_dir(), experiment, run_name, cfg)
         self.run_id = ""
 
     def prepare(self) -> None:
@@ -142,29 +152,26 @@ class Run:
             _to_device(self.data.val, self.device) if on_device else self.data.val)
         seed_everything(self.cfg.train.seed)  # model init does not depend on how the data was built
         self.spec = build_method(self.cfg, self.data)
+        self.evaluator = Evaluator(self.data.class_counts, self.data.mean, self.data.std, self.device,
+                                   autocast=self.cfg.train.amp and self.device.type == "cuda")
 
-    def evaluate(self, full: bool, epoch: int | None = None) -> dict[str, float]:
+    def evaluate(self, full: bool) -> dict[str, float]:
         """Test (unless train.eval_test is off, as in tuning trials) and validation metrics. `full` adds every
         evaluator figure and keeps the per-class details; otherwise one host read per split (per-epoch use)."""
-        autocast = self.cfg.train.amp and self.device.type == "cuda"
-        data = self.data
-        if not self.cfg.train.eval_test and data.val is None:
+        if not self.cfg.train.eval_test and self.data.val is None:
             raise HarnessError("train.eval_test=false needs a validation split (set data.val_per_class > 0)")
         out: dict[str, float] = {}
         details = None
         for name, split in (("test", self.test_split), ("val", self.val_split)):
             if split is None or (name == "test" and not self.cfg.train.eval_test):
                 continue
-            preds = predict(self.spec.model, split, data.mean, data.std, self.device, autocast=autocast)
             if full:
-                metrics, split_details = summarize(preds, data.class_counts)
+                metrics, split_details = self.evaluator.full(self.spec.model, split)
                 details = details if details is not None else split_details  # test first; val in tuning trials
             else:
-                metrics = quick_metrics(preds, data.class_counts)
+                metrics = self.evaluator.quick(self.spec.model, split)
             keys = metrics if (full and name == "test") else ("top1", "balanced_acc", "many", "medium", "few")
             out.update({f"{name}/{k}": metrics[k] for k in keys})
-        if self.on_eval is not None:
-            self.on_eval(epoch if epoch is not None else -1, out)
         if full:
             self.details = details
         return out
@@ -188,8 +195,13 @@ class Run:
     def component_params(self) -> dict[str, object]:
         """The same keys for every method: model.* facts and each stage's weighted loss terms."""
         params: dict[str, object] = {f"model.{k}": v for k, v in self.spec.model.architecture().items()}
-        for stage in self.spec.stages:
+        epochs = plan_epochs(self.spec.stages, self.cfg.train)
+        params["plan.epochs"] = "+".join(map(str, epochs))
+        for stage, planned in zip(self.spec.stages, epochs):
             params[f"loss.{stage.name}"] = " + ".join(f"{t.weight:g}*{t.name}" for t in stage.losses)
+            params[f"stage.{stage.name}.epochs"] = planned
+            params[f"stage.{stage.name}.lr"] = (f"{stage.schedule or self.cfg.optim.schedule} peak {stage.peak_lr:g} "
+                                                f"warm-up {stage.warmup_epochs}")
         return params
 
     def log_final(self, metrics: dict[str, float], wall: float, total_epochs: int) -> None:
@@ -213,16 +225,23 @@ class Run:
         self.start_tracking(resume_state)
         save_json(self.folder / "state.json", {"run_id": self.run_id, "finished": False})
         started = time.perf_counter() - (resume_state or {}).get("elapsed_s", 0.0)
-        trainer = Trainer(self.spec, self.cfg, self._feeder(), self.device, self.folder / "checkpoint.pt",
-                          progress=None)
-        self._hooks(trainer, started)
-        reporter = RunProgress(progress, self.name, trainer.total_epochs * len(trainer.feeder)) if progress else None
-        trainer.progress = reporter
+        tracking = TrackingHook(self, started)
+        feeder = self._feeder()
+        hooks: list[Hook] = [EvaluationHook(self), tracking]
+        if progress is not None:
+            hooks.append(progress_hook(progress, self.name, feeder))
+        trainer = Trainer(self.spec, self.cfg, feeder, self.device, self.folder / "checkpoint.pt",
+                          hooks=[*hooks, *self.extra_hooks])
         try:
             trainer.fit(resume=resume_state is not None)
-            metrics = self.evaluate(full=True, epoch=trainer.total_epochs)
+            if trainer.stop_reason:
+                tracking.flush()
+                self.tracker.end(self.run_id, "KILLED")
+                return RunResult(self.name, self.run_id, {}, time.perf_counter() - started,
+                                 stopped=trainer.stop_reason)
+            metrics = self.evaluate(full=True)
         except BaseException as error:
-            self._logger.flush()  # what the run did before it stopped stays visible
+            tracking.flush()  # what the run did before it stopped stays visible
             self.tracker.end(self.run_id, "FAILED" if isinstance(error, Exception) else "KILLED")
             raise
         wall = time.perf_counter() - started
@@ -231,24 +250,13 @@ class Run:
         save_json(self.folder / "state.json", {"run_id": self.run_id, "finished": True, "metrics": metrics,
                                                "wall_time_s": wall})
         (self.folder / "checkpoint.pt").unlink(missing_ok=True)
-        if reporter:
-            reporter.close()
+        self.tracker.finish_run(self.run_id)  # replays what a tracking server that went away missed, or says how
         return RunResult(self.name, self.run_id, metrics, wall, details=self.details)
 
     def _feeder(self) -> Any:
         t, d = self.cfg.train, self.data
         augmentations = DATASETS.get(self.cfg.data.dataset).augmentations
+        if augmentations is None:
+            raise HarnessError(f"dataset '{self.cfg.data.dataset}' declares no training augmentations")
         return make_feeder(d.train, augmentations, self.cfg.data.augment, d.mean, d.std, self.cfg.optim.batch_size,
-                           self.device,
-                           t.fast_path, t.num_workers)
-
-    def _hooks(self, trainer: Trainer, started: float) -> None:
-        logger = _EpochLogger(self, trainer.total_epochs)
-
-        def checkpointed() -> None:
-            logger.flush()
-            elapsed = time.perf_counter() - started
-            save_json(self.folder / "state.json", {"run_id": self.run_id, "finished": False, "elapsed_s": elapsed})
-
-        trainer.on_epoch, trainer.on_checkpoint = logger, checkpointed
-        self._logger = logger
+                           self.device, t.fast_path, t.num_workers)

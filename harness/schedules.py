@@ -1,22 +1,24 @@
-"""Learning-rate schedules, stepped once per epoch as in the official code.
+"""Learning-rate schedules, stepped once per epoch as in the official code; each stage carries its own.
 
 `code`: the official CosineAnnealingLRWarmup (utils.py:73-104). With base lr b, warm-up W, peak p, stage
 length T and epoch index e within the stage:
     e < W:  b + (p - b) * (e - 1) / (W - 1)          (so epoch 0 runs below b: 0.025 for b = 0.05, p = 0.15)
     e >= W: p * (1 + cos(pi * (e - W) / (T - W))) / 2
-Stage 1 uses p = 0.15, T = 180; stage 2 restarts with p = 0.1, T = 20 (0.0375 at its first epoch, ~1.09e-3 at
-its last). A stage shorter than 4 * W epochs skips the warm-up (a shortened warm-up would start below zero:
+SHIKE's stage 1 uses p = 0.15, T = 180; stage 2 restarts with p = 0.1, T = 20 (0.0375 at its first epoch, ~1.09e-3
+at its last). A stage shorter than 4 * W epochs skips the warm-up (a shortened warm-up would start below zero:
 the official epoch-0 value is b - (p - b) / (W - 1)), so short CPU schedules run cosine from the peak.
 
-`paper`: lr(e) = b * (1 + cos(pi * e / T)) / 2, cosine from b to 0, restarted for stage 2.
+`paper`: lr(e) = b * (1 + cos(pi * e / T)) / 2, cosine from b to 0, restarted for each stage.
 """
 
 from __future__ import annotations
 
 import math
 
-from harness.config import OptimConfig
 from harness.errors import HarnessError
+from harness.method import Stage
+
+SCHEDULES = ("code", "paper")
 
 
 def code_lr(epoch: int, total: int, base: float, peak: float, warmup: int = 5) -> float:
@@ -30,11 +32,11 @@ def paper_lr(epoch: int, total: int, base: float) -> float:
     return base * (1 + math.cos(math.pi * epoch / total)) / 2
 
 
-def stage_lr(optim: OptimConfig, stage_index: int, epoch: int, total: int) -> float:
-    """LR of `epoch` (0-based, within the stage) for the stage at `stage_index` (0 = representation)."""
-    if optim.schedule == "code":
-        peak = optim.peak_lr if stage_index == 0 else optim.crt_peak_lr
-        return code_lr(epoch, total, optim.lr, peak, optim.warmup_epochs)
-    if optim.schedule == "paper":
-        return paper_lr(epoch, total, optim.lr)
-    raise HarnessError(f"unknown optim.schedule '{optim.schedule}'; known: code, paper")
+def stage_lr(stage: Stage, default_schedule: str, base_lr: float, epoch: int, total: int) -> float:
+    """LR of `epoch` (0-based, within the stage) of a stage `total` epochs long."""
+    schedule = stage.schedule or default_schedule
+    if schedule == "code":
+        return code_lr(epoch, total, base_lr, stage.peak_lr, stage.warmup_epochs)
+    if schedule == "paper":
+        return paper_lr(epoch, total, base_lr)
+    raise HarnessError(f"unknown schedule '{schedule}' (stage '{stage.name}'); known: {', '.join(SCHEDULES)}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,36 +19,33 @@ import torch
 from torch import nn
 
 from harness.checkpoint import load_checkpoint, save_checkpoint
-from harness.config import RunConfig
+from harness.config import RunConfig, plan_epochs
 from harness.errors import HarnessError
+from harness.hooks import Hook
+from harness.method import MethodSpec, Stage
 from harness.schedules import stage_lr
 from harness.seeding import derive_seed
-from harness.method import MethodSpec, Stage
 
 log = logging.getLogger(__name__)
-EpochHook = Callable[[int, dict[str, float]], None]  # (global epoch, metrics) -> None
+
+
+class NonFiniteLoss(HarnessError):
+    """A loss went NaN or infinite: the run is marked FAILED; the last checkpoint stays for inspection."""
 
 
 @dataclass
 class StageRun:
+    """A stage as planned for this run: its place, its epochs and its first epoch on the run's global count."""
+
     index: int
     stage: Stage
     epochs: int
     first_global_epoch: int
 
 
-def stage_epochs(stage: Stage, cfg: RunConfig) -> int:
-    budgets = {"representation": cfg.train.epochs, "classifier": cfg.train.crt_epochs,
-               "all": cfg.train.epochs + cfg.train.crt_epochs}
-    if stage.budget not in budgets:
-        raise HarnessError(f"stage '{stage.name}' has unknown budget '{stage.budget}'")
-    return budgets[stage.budget]
-
-
 def plan(spec: MethodSpec, cfg: RunConfig) -> list[StageRun]:
     runs, first = [], 0
-    for index, stage in enumerate(spec.stages):
-        epochs = stage_epochs(stage, cfg)
+    for index, (stage, epochs) in enumerate(zip(spec.stages, plan_epochs(spec.stages, cfg.train))):
         runs.append(StageRun(index, stage, epochs, first))
         first += epochs
     return runs
@@ -94,13 +91,12 @@ def set_train_mode(model: nn.Module, freeze_bn: bool) -> None:
 
 
 class Trainer:
-    """Runs a method's stages on a feeder. `on_epoch` receives per-epoch metrics (for tracking and evaluation)."""
+    """Runs a method's stages on a feeder; `hooks` observe it (evaluation, tracking, progress, pruning)."""
 
     def __init__(self, spec: MethodSpec, cfg: RunConfig, feeder: Any, device: torch.device,
-                 checkpoint_path: Path | None = None, on_epoch: EpochHook | None = None,
-                 progress: Any = None) -> None:
+                 checkpoint_path: Path | None = None, hooks: Sequence[Hook] = ()) -> None:
         self.spec, self.cfg, self.feeder, self.device = spec, cfg, feeder, device
-        self.checkpoint_path, self.on_epoch, self.progress = checkpoint_path, on_epoch, progress
+        self.checkpoint_path, self.hooks = checkpoint_path, list(hooks)
         self.losses = nn.ModuleList([term.fn for stage in spec.stages for term in stage.losses]).to(device)
         self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         self.spec.model.to(device, memory_format=self.memory_format)
@@ -113,7 +109,15 @@ class Trainer:
             # dynamic=False: a full batch and the smaller last batch give two static graphs, no shape guards.
             self.loss_step = torch.compile(self.forward_losses, mode=mode, dynamic=False)
         self.checkpoint_interval = cfg.train.checkpoint_interval or (10 if device.type == "cuda" else 1)
-        self.on_checkpoint: Callable[[], None] | None = None
+        self.stop_reason: str | None = None
+
+    def request_stop(self, reason: str) -> None:
+        """Stop after the current epoch (its checkpoint and hooks still run)."""
+        self.stop_reason = reason
+
+    def _call(self, event: str, *args: Any) -> None:
+        for hook in self.hooks:
+            getattr(hook, event)(self, *args)
 
     def forward_losses(self, stage_index: int, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Forward pass and every loss term of the stage: returns (term values..., weighted total) stacked.
@@ -145,7 +149,7 @@ class Trainer:
         sums += values.detach() * len(labels)
 
     def run_epoch(self, run: StageRun, optimizer: torch.optim.Optimizer, epoch: int) -> dict[str, float]:
-        lr = stage_lr(self.cfg.optim, run.index, epoch, run.epochs)
+        lr = stage_lr(run.stage, self.cfg.optim.schedule, self.cfg.optim.lr, epoch, run.epochs)
         for group in optimizer.param_groups:
             group["lr"] = lr
         set_train_mode(self.spec.model, run.stage.freeze_bn)
@@ -154,43 +158,47 @@ class Trainer:
         for images, labels in self.feeder.epoch(derive_seed(self.cfg.train.seed, run.index, epoch)):
             self.step(run.index, optimizer, images, labels, sums)
             seen += len(labels)
-            if self.progress is not None:
-                self.progress.advance_batch()
+            self._call("after_step")
         means = (sums / max(seen, 1)).tolist()  # the one host sync of the epoch
         names = [f"loss/{t.name}" for t in run.stage.losses] + ["loss/total"]
         metrics = dict(zip(names, means))
         if not all(math.isfinite(v) for v in means):
-            raise FloatingPointError(f"non-finite loss in stage '{run.stage.name}' epoch {epoch}: {metrics}")
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+            raise NonFiniteLoss(f"non-finite loss in stage '{run.stage.name}', epoch {epoch + 1}/{run.epochs} ({shown}); "
+                                "lower optim.lr or check the method's loss weights")
         metrics["lr"] = lr
         return metrics
 
     def fit(self, resume: bool = False) -> None:
+        """Run every stage from the start, or from the checkpoint with `resume`; returns early on request_stop."""
         start_stage, start_epoch, optimizer_state = 0, 0, None
         if resume and self.checkpoint_path is not None:
             state = load_checkpoint(self.checkpoint_path)
             if state is not None:
                 self.spec.model.load_state_dict(state["model"])
                 start_stage, start_epoch, optimizer_state = state["stage"], state["epoch"], state["optimizer"]
+        self.start = (start_stage, start_epoch)
+        self._call("before_train")
         for run in self.stages[start_stage:]:
             optimizer = enter_stage(self.spec, run.stage, self.cfg)
             first = start_epoch if run.index == start_stage else 0
             if optimizer_state is not None and run.index == start_stage:
                 optimizer.load_state_dict(optimizer_state)
-            if self.progress is not None:
-                self.progress.start_stage(run.stage.name, run.epochs, first, len(self.feeder))
+            self.first_epoch = first
+            self._call("before_stage", run)
             for epoch in range(first, run.epochs):
                 metrics = self.run_epoch(run, optimizer, epoch)
-                if self.on_epoch is not None:
-                    self.on_epoch(run.first_global_epoch + epoch, metrics)
-                if (epoch + 1) % self.checkpoint_interval == 0 or epoch + 1 == run.epochs:
+                self._call("after_epoch", run.first_global_epoch + epoch, metrics)
+                if (epoch + 1) % self.checkpoint_interval == 0 or epoch + 1 == run.epochs or self.stop_reason:
                     self.save(run.index, epoch + 1, optimizer)
-                if self.progress is not None:
-                    self.progress.end_epoch(metrics)
+                if self.stop_reason:
+                    return
+            self._call("after_stage", run)
+        self._call("after_train")
 
     def save(self, stage_index: int, next_epoch: int, optimizer: torch.optim.Optimizer) -> None:
         if self.checkpoint_path is None:
             return
         save_checkpoint(self.checkpoint_path, {"model": self.spec.model.state_dict(), "stage": stage_index,
                                                "epoch": next_epoch, "optimizer": optimizer.state_dict()})
-        if self.on_checkpoint is not None:
-            self.on_checkpoint()
+        self._call("after_checkpoint")

@@ -15,13 +15,13 @@ from harness.methods.shike import classifier_retraining
 def _one_stage(num_classes: int, term: LossTermModule, name: str, head: str, scale: float, shortcut: str):
     model = build_expert_resnet(num_classes=num_classes, experts=1, dkf=False, shortcut=shortcut, head=head,
                                 scale=scale, retrain_head=False)
-    return MethodSpec(model, (Stage("end-to-end", (LossTerm(name, 1.0, term),), budget="all"),))
+    return MethodSpec(model, (Stage("end-to-end", (LossTerm(name, 1.0, term),), epochs=200, peak_lr=0.15),))
 
 
 @METHODS.register("ce")
 def ce(*, num_classes: int, class_counts: Sequence[int], head: str = "linear", scale: float = 30.0,
        shortcut: str = "B") -> MethodSpec:
-    """Plain ResNet-32 with instance-balanced cross-entropy, one stage of epochs + crt_epochs."""
+    """Plain ResNet-32 with instance-balanced cross-entropy, one stage (the whole budget, 200 epochs by default)."""
     return _one_stage(num_classes, ExpertCE(), "ce", head, scale, shortcut)
 
 
@@ -46,5 +46,5 @@ def plain(*, num_classes: int, class_counts: Sequence[int], head: str = "linear"
     softmax on the frozen backbone (decoupled training, as every row of the table)."""
     model = build_expert_resnet(num_classes=num_classes, experts=1, dkf=False, shortcut=shortcut, head=head,
                                 scale=scale)
-    representation = Stage("representation", (LossTerm("ce", 1.0, ExpertCE()),), budget="representation")
+    representation = Stage("representation", (LossTerm("ce", 1.0, ExpertCE()),), epochs=180, peak_lr=0.15)
     return MethodSpec(model, (representation, classifier_retraining(class_counts, freeze_bn_stage2)))

@@ -101,6 +101,6 @@ def branches(
     sources = parse_sources(shallow) or ()
     model = BranchResNet(num_classes=num_classes, shallow=sources, joint=joint, shortcut=shortcut, head=head,
                          scale=scale, align_relu=align_relu)
-    representation = Stage("representation", (LossTerm("ce", 1.0, ExpertCE()),), budget="representation")
+    representation = Stage("representation", (LossTerm("ce", 1.0, ExpertCE()),), epochs=200, peak_lr=0.15)
     return MethodSpec(model, (representation, classifier_retraining(class_counts, freeze_bn_stage2)),
                       notes={"branches": ",".join(branch_names(sources))})

@@ -21,7 +21,8 @@ def classifier_retraining(class_counts: Sequence[int], freeze_bn: bool) -> Stage
     """Stage 2 (paper Eq. 11): fresh heads on the frozen model, balanced softmax per expert, summed; no KD.
     The official code keeps BN in train mode here (running statistics keep updating); freeze_bn turns that off."""
     bsce = LossTerm("bsce", 1.0, BalancedSoftmaxCE(class_counts))
-    return Stage("classifier", (bsce,), budget="classifier", trainable=("retrain_head",), head="retrain_head",
+    # official: 20 epochs, warm-up then cosine from a peak of 0.1 (cifarTrain.py:113-120)
+    return Stage("classifier", (bsce,), epochs=20, peak_lr=0.1, trainable=("retrain_head",), head="retrain_head",
                  freeze_bn=freeze_bn)
 
 
@@ -59,5 +60,5 @@ def shike(
         terms.append(LossTerm("nt", alpha, DKT(variant=dkt_variant, reduction=kl_reduction, detach=detach)))
     if l_mu and beta > 0 and experts > 1:
         terms.append(LossTerm("mu", beta, MutualKL(reduction=kl_reduction, detach=detach)))
-    representation = Stage("representation", tuple(terms), budget="representation")
+    representation = Stage("representation", tuple(terms), epochs=180, peak_lr=0.15)  # cifarTrain.py:105-112
     return MethodSpec(model, (representation, classifier_retraining(class_counts, freeze_bn_stage2)))

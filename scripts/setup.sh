@@ -1,23 +1,47 @@
 #!/usr/bin/env bash
-# Sets up a fresh Debian/Ubuntu machine for the harness: system packages (Fashion-MNIST data, PostgreSQL for the
-# distributed-Optuna test, Chromium for the UI check) and a virtual environment in .venv with the pinned
-# torch/torchvision pair and the harness. Safe to rerun.
+# Sets up a fresh Debian/Ubuntu machine for the harness and its whole test suite: system packages (Fashion-MNIST
+# data; PostgreSQL for the distributed-Optuna test; Chromium for the MLflow UI test) and a virtual environment in
+# .venv with the tested versions from constraints.txt (the torch/torchvision pair included) and the harness.
+# Safe to rerun. Quiet when it works; when a step fails, it prints that step's output and exits non-zero.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true
 
-SUDO=""
-if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
-APT_PACKAGES="dataset-fashion-mnist ${HARNESS_EXTRA_APT:-}"
-missing=""
-for pkg in $APT_PACKAGES; do dpkg -s "$pkg" >/dev/null 2>&1 || missing="$missing $pkg"; done
-if [ -n "$missing" ]; then
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null
-fi
+# What the tests need from Debian: tests/datasets/test_fmnist_lt.py (and every end-to-end test) reads the real
+# Fashion-MNIST files; tests/studies/test_tune_postgres.py runs initdb/pg_ctl; tests/studies/test_ui_browser.py
+# runs `chromium --headless` directly (no driver).
+APT_PACKAGES="dataset-fashion-mnist postgresql chromium"
 
-PYTHON="${PYTHON:-python3}"
-if [ ! -x .venv/bin/python ]; then "$PYTHON" -m venv .venv; fi
-# torch and torchvision are pinned as a pair: the registry's torchvision is a CUDA build that needs its torch.
-.venv/bin/pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -c "import torch, torchvision, mlflow, optuna; print('setup ok: torch', torch.__version__)"
+# Runs a command with its output kept aside; shows that output only when the command fails.
+quietly() {
+  local log status=0
+  log="$(mktemp)"
+  "$@" >"$log" 2>&1 || status=$?
+  if [ "$status" != 0 ]; then
+    cat "$log" >&2
+    echo "setup: failed ($status): $*" >&2
+  fi
+  rm -f "$log"
+  return "$status"
+}
+
+install_system_packages() {
+  local sudo="" missing="" pkg
+  if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
+  for pkg in $APT_PACKAGES; do dpkg -s "$pkg" >/dev/null 2>&1 || missing="$missing $pkg"; done
+  if [ -z "$missing" ]; then return 0; fi
+  echo "setup: apt-get install$missing"
+  quietly $sudo apt-get update
+  quietly $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $missing
+}
+
+install_python_packages() {
+  local python="${PYTHON:-python3}"
+  if [ ! -x .venv/bin/python ]; then quietly "$python" -m venv .venv; fi
+  echo "setup: pip install -c constraints.txt -e '.[dev]' (torch the first time: a few minutes)"
+  quietly .venv/bin/pip install --disable-pip-version-check -c constraints.txt -e '.[dev]'
+}
+
+install_system_packages
+install_python_packages
+.venv/bin/python -c "import torch, torchvision, mlflow, optuna, harness; print('setup ok: harness', harness.__version__, 'torch', torch.__version__)"

@@ -1,7 +1,13 @@
-"""Run a declared table (rows x seeds) as MLflow child runs under one parent run, and summarise it.
+"""Run a declared table (rows x seeds) as MLflow child runs under one parent run; its summary is the table's report.
 
-Experiment: `{table}-{dataset}-if{IF}` (one per study). Parent run: one per invocation (reused by --resume).
-Child runs: `{row}-{dataset}-if{IF}-s{seed}`, tagged with table, row and seed so reports can find them.
+Experiment, run names and checkpoint folders come from `harness.naming`: experiment `{table}-{dataset}-if{IF}` (one
+per study), child runs `{row}-{dataset}-if{IF}-s{seed}`, tagged with table, row and seed so reports find them.
+Parent run: one per invocation (reused by --resume). When every child is done, the study's report
+(`studies.report.build_report` over exactly its runs) is logged under `report/` of the parent: the same table
+`harness report TABLE` builds.
+
+`plan_study` refuses, before any training and before any MLflow run exists, a study that could not end in a table:
+a table without runnable rows, a row the harness has no method for, an imbalance factor no column is measured at.
 """
 
 from __future__ import annotations
@@ -10,10 +16,11 @@ import hashlib
 import json
 import multiprocessing
 import os
+import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,43 +30,102 @@ import torch
 from harness.checkpoint import load_json, save_json
 from harness.config import RunConfig
 from harness.errors import HarnessError
+from harness.naming import checkpoint_dir, experiment_name, run_name
+from harness.registry import DATASETS
 from harness.runner import Run, build_data
-from harness.tracking import Tracker, runs_dir
-from harness.studies.stats import cell_stats
+from harness.studies.report import Report, build_report, log_report
+from harness.studies.settings import RunSettings
 from harness.studies.tables import Row, TableSpec
+from harness.tracking import Tracker, runs_dir
 
-ConfigFactory = Callable[[Row, int], RunConfig]  # (row, seed) -> resolved config
 
-
-@dataclass
+@dataclass(frozen=True)
 class StudyPlan:
     table: TableSpec
     rows: tuple[Row, ...]
     seeds: tuple[int, ...]
-    dataset: str
-    imbalance_factor: float
+    settings: RunSettings
     experiment_name: str | None = None
 
     @property
+    def dataset(self) -> str:
+        return self.settings.dataset
+
+    @property
+    def imbalance_factor(self) -> float:
+        return self.settings.imbalance_factor
+
+    @property
     def experiment(self) -> str:
-        return self.experiment_name or f"{self.table.name}-{self.dataset}-if{self.imbalance_factor:g}"
+        return self.experiment_name or experiment_name(self.table.name, self.dataset, self.imbalance_factor)
 
     def run_name(self, row: Row, seed: int) -> str:
-        return f"{row.key}-{self.dataset}-if{self.imbalance_factor:g}-s{seed}"
+        return run_name(row.key, self.dataset, self.imbalance_factor, seed)
+
+    def config(self, row: Row, seed: int) -> RunConfig:
+        assert row.method is not None, "plan_study keeps runnable rows only"
+        return self.settings.config(row.method, seed, row.kwargs)
+
+    def signature(self) -> dict[str, Any]:
+        """What makes two invocations the same study (a --resume reopens that study's parent run)."""
+        return {"table": self.table.name, "rows": [r.key for r in self.rows], "seeds": list(self.seeds),
+                **asdict(self.settings)}
+
+
+def _runnable(table: TableSpec) -> tuple[Row, ...]:
+    return tuple(r for r in table.rows if r.method is not None)
+
+
+def _no_runnable_rows(table: TableSpec) -> str:
+    missing = sorted({c.dataset for c in table.columns if c.dataset not in DATASETS})
+    why = (f"its columns are measured on {', '.join(missing)}, which the harness has no dataset for yet "
+           "(harness list datasets)" if missing else "none of its rows names a harness method")
+    return (f"table {table.name} has no row the harness can run: {why}; `harness report {table.name}` prints the "
+            "paper's values")
 
 
 def select_rows(table: TableSpec, wanted: Sequence[str] | None) -> tuple[Row, ...]:
-    rows = tuple(r for r in table.rows if r.method is not None)
+    """The rows to run: `wanted` (keys or names) or every runnable row; a row without a method is refused with the
+    names of the runnable ones."""
+    runnable = _runnable(table)
+    if not runnable:
+        raise HarnessError(_no_runnable_rows(table))
     if not wanted:
-        return rows
+        return runnable
     try:
-        return tuple(table.row(w) for w in wanted)
+        rows = tuple(table.row(w) for w in wanted)
     except KeyError as error:
         raise HarnessError(str(error.args[0])) from None
+    refused = [r.key for r in rows if r.method is None]
+    if refused:
+        raise HarnessError(f"table {table.name}: row {', '.join(refused)} cannot run (the harness has no method for "
+                           f"it; see the notes of `harness report {table.name}`); runnable rows: "
+                           f"{', '.join(r.key for r in runnable)}")
+    return rows
 
 
-def _parent_state_path(plan: StudyPlan, signature: dict[str, Any]) -> Path:
-    digest = hashlib.sha256(json.dumps(signature, sort_keys=True, default=str).encode()).hexdigest()[:12]
+def check_imbalance_factor(table: TableSpec, imbalance_factor: float) -> None:
+    """Where the columns are told apart by imbalance factor (Table 1: IF 100 and IF 50), runs at another factor
+    would land in no column, so no cell could be compared with the paper."""
+    factors = sorted({c.imbalance_factor for c in table.columns if c.imbalance_factor is not None}, reverse=True)
+    if len(factors) > 1 and imbalance_factor not in factors:
+        shown = " or ".join(f"--if {f:g}" for f in factors)
+        raise HarnessError(f"table {table.name} compares IF {', '.join(f'{f:g}' for f in factors)} only: runs at "
+                           f"--if {imbalance_factor:g} would fill no column; use {shown}")
+
+
+def plan_study(table: TableSpec, wanted_rows: Sequence[str] | None, seeds: Sequence[int], settings: RunSettings,
+               experiment: str | None = None) -> StudyPlan:
+    """A study that can end in its table, or a `HarnessError` that says why not and what to do."""
+    rows = select_rows(table, wanted_rows)
+    check_imbalance_factor(table, settings.imbalance_factor)
+    if not seeds:
+        raise HarnessError("--seeds needs at least one seed (e.g. --seeds 0,1,2)")
+    return StudyPlan(table, rows, tuple(seeds), settings, experiment)
+
+
+def _parent_state_path(plan: StudyPlan) -> Path:
+    digest = hashlib.sha256(json.dumps(plan.signature(), sort_keys=True, default=str).encode()).hexdigest()[:12]
     return runs_dir() / "checkpoints" / plan.experiment / f"_parent-{digest}" / "state.json"
 
 
@@ -104,8 +170,8 @@ def run_jobs(jobs: list[ChildJob], tracking_uri: str, resume: bool, workers: int
             yield future.result()
 
 
-def _open_parent(plan: StudyPlan, tracker: Tracker, resume: bool, signature: dict[str, Any]) -> str:
-    state_path = _parent_state_path(plan, signature)
+def _open_parent(plan: StudyPlan, tracker: Tracker, resume: bool) -> str:
+    state_path = _parent_state_path(plan)
     state = load_json(state_path) if resume else None
     if state is not None:
         tracker.reopen(state["run_id"])
@@ -119,16 +185,34 @@ def _open_parent(plan: StudyPlan, tracker: Tracker, resume: bool, signature: dic
     return parent
 
 
-def run_study(plan: StudyPlan, make_config: ConfigFactory, tracker: Tracker, *, resume: bool = False,
-              signature: dict[str, Any] | None = None, progress: Any = None,
-              workers: int = 1) -> tuple[str, pd.DataFrame]:
-    """Run every (row, seed) as a child of one parent run; return the parent run id and the per-run frame."""
-    configs = {(row.key, seed): make_config(row, seed) for row in plan.rows for seed in plan.seeds}
+def study_report(tracker: Tracker, plan: StudyPlan, run_ids: Sequence[str]) -> Report:
+    """The table from exactly this study's runs (its parent's children, and finished runs a --resume reused)."""
+    quoted = ", ".join(f"'{run_id}'" for run_id in run_ids)
+    runs = tracker.search([plan.experiment], f"attributes.run_id IN ({quoted})") if run_ids else pd.DataFrame()
+    return build_report(runs, plan.table, plan.dataset, plan.imbalance_factor)
+
+
+@dataclass
+class StudyResult:
+    parent: str
+    runs: pd.DataFrame  # one line per (row, seed): run id, wall time, skipped, final metrics
+    report: Report
+    artifacts: list[str]
+
+
+def run_study(plan: StudyPlan, tracker: Tracker, *, resume: bool = False, restart: bool = False,
+              progress: Any = None, workers: int = 1) -> StudyResult:
+    """Run every (row, seed) as a child of one parent run, then log the study's report to the parent."""
+    configs = {(row.key, seed): plan.config(row, seed) for row in plan.rows for seed in plan.seeds}
     for cfg in {c.data: c for c in configs.values()}.values():
         build_data(cfg)  # fail on missing data before any run is created (cached in-process for the runs)
-    parent = _open_parent(plan, tracker, resume, signature or {})
-    jobs = [ChildJob(configs[(row.key, seed)], plan.experiment, plan.run_name(row, seed), parent, row.name, row.key,
+    jobs = [ChildJob(configs[(row.key, seed)], plan.experiment, plan.run_name(row, seed), "", row.name, row.key,
                      seed, plan.table.name) for row in plan.rows for seed in plan.seeds]
+    if restart:
+        for job in jobs:
+            shutil.rmtree(checkpoint_dir(runs_dir(), job.experiment, job.name, job.cfg), ignore_errors=True)
+    parent = _open_parent(plan, tracker, resume)
+    jobs = [replace(job, parent=parent) for job in jobs]
     outer = progress.add_task("runs", total=len(jobs)) if progress is not None else None
     records = []
     try:
@@ -141,37 +225,7 @@ def run_study(plan: StudyPlan, make_config: ConfigFactory, tracker: Tracker, *, 
         raise
     order = {(job.key, job.seed): i for i, job in enumerate(jobs)}
     frame = pd.DataFrame.from_records(sorted(records, key=lambda r: order[(r["key"], r["seed"])]))
-    summary = summarize_study(plan, frame)
-    tracker.log_text(parent, summary.to_csv(index=False), f"{plan.table.name}.csv")
-    tracker.log_text(parent, summary.to_markdown(index=False) if _has_tabulate() else summary.to_string(),
-                     f"{plan.table.name}.md")
+    report = study_report(tracker, plan, [r["run_id"] for r in records])
+    artifacts = log_report(tracker, parent, report)
     tracker.end(parent)
-    return parent, frame
-
-
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def summarize_study(plan: StudyPlan, frame: pd.DataFrame, metric: str = "test/top1") -> pd.DataFrame:
-    """One line per row: mean, std, n and 95% interval over seeds, the paper's value and the difference, and the
-    many/medium/few means."""
-    lines = []
-    column = plan.table.columns[0].label
-    for row in plan.rows:
-        runs = frame[frame["key"] == row.key] if len(frame) else frame
-        stats = cell_stats(list(runs[metric])) if len(runs) else cell_stats([])
-        paper = row.paper_value(column)
-        line = {"row": row.name, "mean": stats["mean"], "std": stats["std"], "n": stats["n"],
-                "ci95": stats["ci95"], "paper": paper,
-                "diff": stats["mean"] - paper if paper is not None else float("nan")}
-        for group in ("many", "medium", "few"):
-            key = f"test/{group}"
-            line[group] = cell_stats(list(runs[key]))["mean"] if len(runs) and key in runs else float("nan")
-        line["wall_s"] = float(runs["wall_time_s"].sum()) if len(runs) else float("nan")
-        lines.append(line)
-    return pd.DataFrame(lines)
+    return StudyResult(parent, frame, report, artifacts)

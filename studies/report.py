@@ -12,7 +12,12 @@ Data matching: the column's dataset and imbalance factor must match the run's `d
 (1) `dataset` (a `--dataset` override) replaces the paper's dataset, and (2) where the runs hold no run on the
 paper's dataset but exactly one other dataset (a Fashion-MNIST-LT study of Table 4, say), that one stands in,
 and the protocol line under the table says so. The imbalance factor only filters where it tells the columns
-apart (Table 1); otherwise the paper's IF is preferred and a single other IF stands in the same way.
+apart (Table 1); otherwise the paper's IF is preferred and a single other IF stands in the same way. Where a
+column's runs stand in for other data than the paper's, a note under the table says that its difference is a
+cross-setting comparison, not a reproduction gap.
+
+This is the one summary of a study: `harness run ablation` prints and logs the report of its own runs, and
+`harness report TABLE` builds the same report from whatever runs exist.
 """
 
 from __future__ import annotations
@@ -23,10 +28,11 @@ from typing import Any
 
 import pandas as pd
 
+from harness.errors import HarnessError
 from harness.studies.stats import cell_stats
 from harness.studies.tables import Column, Row, TableSpec
+from harness.studies.writers import FORMATS, SUFFIX, write_table
 
-FORMATS = ("md", "csv", "latex", "html")
 CSV_COLUMNS = ("row", "column", "mean", "std", "n", "ci95", "paper", "diff", "status", "key", "group")
 SELECTION = "final epoch (no checkpoint selection)"
 
@@ -128,6 +134,34 @@ def _describe(values: pd.Series, sep: str = " / ") -> str:
     return sep.join(found) if found else "?"
 
 
+def planned_epochs(runs: pd.DataFrame) -> pd.Series:
+    """Each run's epochs per stage as planned ("180+20", the runner's `plan.epochs` param); runs logged before that
+    param existed give `train.epochs` + `train.crt_epochs` instead."""
+    legacy = _col(runs, "params.train.epochs").astype(str) + "+" + _col(runs, "params.train.crt_epochs").astype(str)
+    return _col(runs, "params.plan.epochs").where(_col(runs, "params.plan.epochs").notna(), legacy)
+
+
+def _setting(dataset: str | None, factor: float | None) -> str:
+    return f"{dataset or '?'}" + (f" IF {factor:g}" if factor is not None else "")
+
+
+def cross_setting_notes(table: TableSpec, matched: dict[str, tuple[str | None, float | None]],
+                        cells: pd.DataFrame) -> list[str]:
+    """One note per setting where a column's runs were measured on other data than the paper's column: the
+    difference to the paper is then a cross-setting comparison, not a reproduction gap."""
+    by_setting: dict[tuple[str, str], list[str]] = {}
+    for column in table.columns:
+        dataset, factor = matched[column.label]
+        measured = cells[(cells["column"] == column.label) & (cells["n"] > 0)]
+        paper_factor = column.imbalance_factor if column.imbalance_factor is not None else factor
+        if measured.empty or (dataset, factor) == (column.dataset, paper_factor):
+            continue
+        paper = _setting(column.dataset, column.imbalance_factor)
+        by_setting.setdefault((_setting(dataset, factor), paper), []).append(column.label)
+    return [f"{', '.join(labels)}: measured on {used}, the paper on {paper}; Δ is a cross-setting comparison, "
+            "not a reproduction gap." for (used, paper), labels in by_setting.items()]
+
+
 def protocol_line(runs: pd.DataFrame, table: TableSpec, matched: dict[str, tuple[str | None, float | None]]) -> str:
     """What the cells were measured under: data, profile, epochs, preset, seeds and the selection rule."""
     if runs.empty:
@@ -139,7 +173,7 @@ def protocol_line(runs: pd.DataFrame, table: TableSpec, matched: dict[str, tuple
         used = f"{dataset} IF {factor:g}" if dataset and factor is not None else f"{dataset or '?'}"
         paper = f"{column.dataset}" + (f" IF {column.imbalance_factor:g}" if column.imbalance_factor else "")
         data.append(f"{column.label}: {used}" + ("" if used == paper else f" (paper: {paper})"))
-    epochs = _col(runs, "params.train.epochs").astype(str) + "+" + _col(runs, "params.train.crt_epochs").astype(str)
+    epochs = planned_epochs(runs)
     test = _col(runs, "params.data.test_per_class").astype(str).replace({"0": "full"})
     return ("Protocol: " + "; ".join(dict.fromkeys(data)) +
             f"; profile {_describe(_col(runs, 'params.data.profile'))}; epochs {_describe(epochs)}; "
@@ -158,12 +192,13 @@ def build_report(runs: pd.DataFrame, table: TableSpec, dataset: str | None = Non
         matched[column.label] = (chosen, factor)
         used.append(on_column)
         cells += [make_cell(row, column, on_column) for row in table.rows]
-    notes = list(table.notes)
+    frame = pd.DataFrame(cells)
+    notes = [*table.notes, *cross_setting_notes(table, matched, frame)]
     if not mine.empty and any(c is None for c, _ in matched.values()):
         notes.append("Runs on several datasets and none is the paper's: choose one with --dataset "
                      f"({', '.join(_distinct(_col(mine, 'params.data.dataset')))}).")
     used_runs = pd.concat(used).drop_duplicates("run_id") if used and not mine.empty else mine
-    return Report(table, pd.DataFrame(cells), protocol_line(used_runs, table, matched), tuple(notes))
+    return Report(table, frame, protocol_line(used_runs, table, matched), tuple(notes))
 
 
 def format_cell(mean: float, std: float, n: int, status: str) -> str:
@@ -206,50 +241,33 @@ def footer(report: Report) -> list[str]:
     return [report.protocol, *(f"Note: {note}" for note in report.notes)]
 
 
-def to_markdown(frame: pd.DataFrame) -> str:
-    """A GitHub-flavoured markdown table (no tabulate dependency); '|' in cells is escaped."""
-    def cells(values: list[Any]) -> str:
-        return "| " + " | ".join(str(v).replace("|", "\\|") for v in values) + " |"
-
-    align = ["---" if c in ("Method", "Year") else "---:" for c in frame.columns]
-    body = [cells(list(line)) for line in frame.itertuples(index=False)]
-    return "\n".join([cells(list(frame.columns)), "| " + " | ".join(align) + " |", *body])
-
-
 def to_csv(report: Report) -> str:
     """Long format, one line per cell: row, column, mean, std, n, ci95, paper, diff, status, key, group."""
     frame = report.cells.loc[:, list(CSV_COLUMNS)].copy()
     for name in ("mean", "std", "ci95", "paper", "diff"):
         frame[name] = frame[name].round(4)
-    return frame.to_csv(index=False)
-
-
-def to_latex(frame: pd.DataFrame, caption: str, label: str) -> str:
-    """A booktabs tabular; ± and Δ become math."""
-    for char in "&%$#_{}":  # pandas escapes the cells, not the caption
-        caption = caption.replace(char, "\\" + char)
-    text = frame.to_latex(index=False, escape=True, caption=caption, label=f"tab:{label}")
-    return text.replace("±", r"$\pm$").replace("Δ", r"$\Delta$")
-
-
-def to_html(frame: pd.DataFrame, title: str, lines: list[str]) -> str:
-    body = frame.to_html(index=False, escape=True, border=0, classes="report")
-    notes = "".join(f"<p>{line}</p>" for line in lines)
-    return f"<h3>{title}</h3>\n{body}\n{notes}\n"
+    return write_table(frame, "csv")
 
 
 def render(report: Report, fmt: str) -> str:
     """The table as md, csv, latex or html; md, latex and html carry the protocol and notes under the table."""
     if fmt == "csv":
         return to_csv(report)
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format '{fmt}'; known: {', '.join(FORMATS)}")
     frame = display_frame(report, groups=fmt != "latex")
-    if fmt == "md":
-        return f"### {report.table.title}\n\n{to_markdown(frame)}\n\n" + "\n\n".join(footer(report)) + "\n"
-    if fmt == "latex":
-        return to_latex(frame, report.table.title, report.table.name) + "\n".join(f"% {line}" for line in footer(report)) + "\n"
-    if fmt == "html":
-        return to_html(frame, report.table.title, footer(report))
-    raise ValueError(f"unknown format '{fmt}'; known: {', '.join(FORMATS)}")
+    return write_table(frame, fmt, report.table.title, footer(report), label=report.table.name)
+
+
+def log_report(tracker: Any, parent_run_id: str, report: Report, formats: tuple[str, ...] = ("md", "csv")) -> list[str]:
+    """Attach the rendered table under `report/` of a study's parent run (md and csv, plus any other format asked
+    for); returns the artifact paths. `tracker` is a `harness.tracking.Tracker` (not imported: no mlflow here)."""
+    paths = []
+    for fmt in dict.fromkeys(("md", "csv", *formats)):
+        path = f"report/{report.table.name}.{SUFFIX[fmt]}"
+        tracker.log_text(parent_run_id, render(report, fmt), path)
+        paths.append(path)
+    return paths
 
 
 def newest_parent(runs: pd.DataFrame, table: TableSpec) -> str | None:
@@ -258,3 +276,21 @@ def newest_parent(runs: pd.DataFrame, table: TableSpec) -> str | None:
         return None
     parents = runs[(_col(runs, "tags.kind") == "study") & (_col(runs, "tags.table") == table.name)]
     return None if parents.empty else str(parents.sort_values("start_time").iloc[-1]["run_id"])
+
+
+def spans_experiments(table: TableSpec) -> bool:
+    """Whether the table's columns need runs of several studies (different datasets or imbalance factors)."""
+    return len({(c.dataset, c.imbalance_factor) for c in table.columns}) > 1
+
+
+def experiments_for(tracker: Any, table: TableSpec | None, chosen: str | None) -> list[str] | None:
+    """The experiments a report reads: `chosen` (it must exist), else the newest `<table>-*` experiment (one study),
+    else None (every experiment: figures, and tables whose columns span datasets or imbalance factors)."""
+    if chosen:
+        known = tracker.experiment_names()
+        if chosen not in known:
+            raise HarnessError(f"no experiment '{chosen}' in {tracker.uri}; experiments: {', '.join(known) or '-'}")
+        return [chosen]
+    if table is None or spans_experiments(table):
+        return None
+    return tracker.experiment_names(f"{table.name}-")[:1] or None

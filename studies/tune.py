@@ -2,7 +2,8 @@
 
 The objective is the final balanced accuracy on a validation split carved from the training file; trials never
 evaluate the test split (`train.eval_test=false`). A seeded TPE sampler proposes, a percentile pruner reads the
-per-epoch validation accuracy. The study lives in an Optuna RDB storage (SQLite next to the MLflow store, or any RDB
+per-epoch validation accuracy through a trainer hook (`PruneHook`), which stops a trial's run after the epoch. The
+study lives in an Optuna RDB storage (SQLite next to the MLflow store, or any RDB
 URL shared by workers on several machines); every trial is an MLflow child run of the study's parent run, whose id
 the study keeps. One invocation adds exactly N trials, whatever its worker count: a worker takes a claim from a
 counter shared by the invocation before it starts a trial.
@@ -10,7 +11,6 @@ counter shared by the invocation before it starts a trial.
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing as mp
 import os
 import shutil
@@ -27,16 +27,18 @@ import sqlalchemy
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from harness.commands.options import make_config
 from harness.config import RunConfig, builder_defaults, flatten
 from harness.errors import HarnessError
-from harness.runner import Run, checkpoint_dir
-from harness.seeding import derive_seed
-from harness.tracking import Tracker
+from harness.hooks import Hook
+from harness.naming import checkpoint_dir
+from harness.progress import make_progress
 from harness.registry import METHODS
-
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-optuna.logging.set_verbosity(optuna.logging.WARNING)
+from harness.runner import Run, RunResult, build_data
+from harness.seeding import derive_seed
+from harness.studies.search_space import Param
+from harness.studies.settings import RunSettings
+from harness.tracking import Tracker, runs_dir
+from harness.trainer import NonFiniteLoss
 
 Study = optuna.Study  # for annotations elsewhere, so that this stays the only module importing optuna
 OBJECTIVE = "val/balanced_acc"
@@ -45,22 +47,6 @@ HEARTBEAT_S, GRACE_S = 20, 120  # a trial whose worker stopped beating for GRACE
 # How and where a trial runs, not what it computes: machines (and harness versions) may differ in these.
 MACHINE_KEYS = ("train.device", "train.num_workers", "train.fast_path", "train.compile", "train.channels_last",
                 "train.checkpoint_interval", "data.data_root", "data.download")
-
-
-@dataclass(frozen=True)
-class Param:
-    """One searched switch: a float (or int) range, sampled on a log scale if `log`."""
-
-    low: float
-    high: float
-    log: bool = False
-
-
-# alpha weights L_nt, beta L_mu, both in batch-mean KL units (findings.md): official = 0.1 / 0.01.
-SPACES: dict[str, dict[str, Param]] = {
-    "shike": {"alpha": Param(1e-3, 1.0, True), "beta": Param(1e-4, 0.1, True), "scale": Param(10.0, 40.0)},
-}
-DEFAULT_SPACE: dict[str, tuple[str, ...]] = {"shike": ("alpha", "beta")}
 
 
 @dataclass(frozen=True)
@@ -73,7 +59,7 @@ class TunePlan:
     experiment: str
     method: str
     space: dict[str, Param]
-    cli: dict[str, Any]  # the options make_config reads (dataset, imbalance_factor, epochs, preset, overrides...)
+    settings: RunSettings  # data, preset, epochs, device and the user's --set entries, shared by every trial
     val_per_class: int = 20
     seed: int = 0
     sampler_seed: int = 0
@@ -81,21 +67,21 @@ class TunePlan:
     workers: int = 1
     timeout_s: float | None = None
     startup_trials: int = 5
-    prune_warmup: int | None = None  # epochs before pruning may act; None: half the representation stage
+    prune_warmup: int | None = None  # epochs before pruning may act; None: half the first stage
     prune_keep: float = 75.0  # Optuna's percentile: keep trials in the top 75% at an epoch, prune the bottom 25%
     first_trial: int = 0  # trials in the study when this invocation started (varies the sampler seeds)
     launcher: int = 0  # 0, or this process's id where other invocations work on the study at the same time
     deadline: float | None = field(default=None, compare=False)
 
     def config(self, params: Mapping[str, float], refit: bool = False) -> RunConfig:
-        """The trial's config through the same path as `harness run` (make_config), plus the tuning overrides."""
-        user = list(self.cli.get("overrides", []))
+        """The trial's config through the same path as `harness run` (resolve_config), plus the tuning overrides."""
         if refit:  # the full training split, the test set evaluated once at the end
-            sets = [*user, "data.val_per_class=0", "train.eval_test=true", "train.eval_interval=0"]
+            settings = self.settings.with_overrides(
+                after=["data.val_per_class=0", "train.eval_test=true", "train.eval_interval=0"])
         else:  # user --set entries may change the validation size but never switch the test split back on
-            sets = [f"data.val_per_class={self.val_per_class}", *user, "train.eval_test=false"]
-        args = argparse.Namespace(**{**self.cli, "overrides": sets})
-        return make_config(args, self.method, self.seed, extra=dict(params))
+            settings = self.settings.with_overrides(before=[f"data.val_per_class={self.val_per_class}"],
+                                                    after=["train.eval_test=false"])
+        return settings.config(self.method, self.seed, dict(params))
 
     def signature(self) -> dict[str, Any]:
         """What makes two invocations the same study (machine-local keys and trial counts excluded)."""
@@ -104,6 +90,26 @@ class TunePlan:
             flat.pop(f"method.{name}", None)
         space = {k: [v.low, v.high, v.log] for k, v in self.space.items()}
         return {**{k: str(v) for k, v in flat.items()}, "space": str(space), "sampler_seed": str(self.sampler_seed)}
+
+
+def default_storage(tracking_uri: str) -> str:
+    """SQLite next to the MLflow store (`<runs>/optuna.db`)."""
+    folder = Path(tracking_uri.removeprefix("sqlite:///")).parent if tracking_uri.startswith("sqlite:///") \
+        else runs_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'optuna.db'}"
+
+
+def trial_name(study: str, number: int, refit: bool = False) -> str:
+    """`{study}-t{n}` for a trial's MLflow run, `{study}-refit-t{n}` for the refit of trial n."""
+    return f"{study}-refit-t{number}" if refit else f"{study}-t{number}"
+
+
+def quiet_optuna() -> None:
+    """Optuna logs each failed trial with its traceback; the harness prints one line per trial with its reason
+    instead (`_announce`), and the study's report lists every reason. Called when tuning starts, never at import."""
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
 
 
 def shown_url(url: str) -> str:
@@ -138,11 +144,9 @@ def make_sampler(plan: TunePlan, worker: int) -> optuna.samplers.TPESampler:
 
 
 def load_study(plan: TunePlan, storage: optuna.storages.BaseStorage, worker: int = 0) -> optuna.Study:
-    # Early validation accuracy of a long-tailed run is noise around chance (a trial at chance after two of eight
-    # epochs can end best), so pruning waits half the representation stage and drops the bottom quarter only.
-    warmup = plan.prune_warmup if plan.prune_warmup is not None else plan.config({}).train.epochs // 2
-    pruner = optuna.pruners.PercentilePruner(plan.prune_keep, n_startup_trials=plan.startup_trials,
-                                             n_warmup_steps=warmup)
+    # The pruner drops the bottom quarter only; the warm-up before it may act is the PruneHook's (it knows the
+    # planned stage epochs, which the config alone does not).
+    pruner = optuna.pruners.PercentilePruner(plan.prune_keep, n_startup_trials=plan.startup_trials)
     return optuna.load_study(study_name=plan.study, storage=storage, sampler=make_sampler(plan, worker),
                              pruner=pruner)
 
@@ -221,28 +225,30 @@ class Objective:
         trial.set_user_attr("worker", self.worker)  # first, so that the launcher can fail it if this worker dies
         params = {k: _suggest(trial, k, p, self.plan.method) for k, p in self.plan.space.items()}
         cfg = self.plan.config(params)
-        name = f"{self.plan.study}-t{trial.number}"
-        folder = checkpoint_dir(self.plan.experiment, name, cfg)
+        name = trial_name(self.plan.study, trial.number)
+        folder = checkpoint_dir(runs_dir(), self.plan.experiment, name, cfg)
         shutil.rmtree(folder, ignore_errors=True)  # trials never resume: a reused number starts over
         tags = {"kind": "trial", "study": self.plan.study, "trial_number": trial.number, "trial_state": "RUNNING"}
+        pruning = PruneHook(trial, self.plan.prune_warmup)
         run = Run(cfg, self.tracker, self.plan.experiment, name, tags=tags,
-                  parent_run_id=trial.study.user_attrs[PARENT_ATTR],
-                  on_eval=_PruneReporter(trial, cfg.train.epochs + cfg.train.crt_epochs))
+                  parent_run_id=trial.study.user_attrs[PARENT_ATTR], hooks=[pruning])
         try:
             result = run.execute()
-        except optuna.TrialPruned:
-            self._close(run, trial, "PRUNED", "KILLED")
-            raise
-        except FloatingPointError as error:  # non-finite loss: these switches diverge, TPE should move away
-            self._close(run, trial, "PRUNED", "FAILED", f"non-finite loss: {error}")
-            raise optuna.TrialPruned(f"non-finite loss: {error}") from error
+        except NonFiniteLoss as error:  # these switches diverge: TPE should move away, the study goes on
+            self._close(run, trial, "PRUNED", "FAILED", str(error))
+            raise optuna.TrialPruned(str(error)) from error
         except Exception as error:
             self._close(run, trial, "FAIL", "FAILED", f"{type(error).__name__}: {error}")
             raise
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+        if result.stopped:  # the run has ended itself as KILLED
+            self._close(run, trial, "PRUNED", None, result.stopped)
+            raise optuna.TrialPruned(result.stopped)
+        value = result.metrics[OBJECTIVE]
+        trial.report(value, pruning.total_epochs)  # the final evaluation closes the curve the pruner compares
         self._close(run, trial, "COMPLETE", None)
-        return result.metrics[OBJECTIVE]
+        return value
 
     def _close(self, run: Run, trial: optuna.Trial, state: str, status: str | None, reason: str = "") -> None:
         extra = {"reason": reason[:500]} if reason else {}
@@ -261,18 +267,31 @@ def _suggest(trial: optuna.Trial, name: str, p: Param, method: str) -> float:
     return trial.suggest_float(name, p.low, p.high, log=p.log)
 
 
-class _PruneReporter:
-    """`on_eval`: report validation balanced accuracy per epoch and prune on the pruner's word (never at the end)."""
+class PruneHook(Hook):
+    """Reports each epoch's validation balanced accuracy to the trial and stops the run when the pruner says so.
 
-    def __init__(self, trial: optuna.Trial, final_epoch: int) -> None:
-        self.trial, self.final_epoch = trial, final_epoch
+    Early validation accuracy of a long-tailed run is noise around chance (a trial at chance after two of eight
+    epochs can end best), so pruning waits `warmup` epochs (default: half the first stage); the last epoch is never
+    pruned (the run's final evaluation is the trial's value). A trial must never see the test split."""
 
-    def __call__(self, epoch: int, metrics: dict[str, float]) -> None:
+    def __init__(self, trial: optuna.Trial, warmup: int | None = None) -> None:
+        self.trial, self.warmup = trial, warmup
+        self.total_epochs = 0
+
+    def before_train(self, trainer: Any) -> None:
+        self.total_epochs = trainer.total_epochs
+        if self.warmup is None:
+            self.warmup = trainer.stages[0].epochs // 2
+
+    def after_epoch(self, trainer: Any, epoch: int, metrics: dict[str, Any]) -> None:
         if any(k.startswith("test/") for k in metrics):
             raise HarnessError("a tuning trial evaluated the test split; it must see validation data only")
-        self.trial.report(metrics[OBJECTIVE], max(epoch, 0))
-        if epoch < self.final_epoch and self.trial.should_prune():
-            raise optuna.TrialPruned(f"pruned at epoch {epoch} ({OBJECTIVE} {metrics[OBJECTIVE]:.4f})")
+        if OBJECTIVE not in metrics:
+            return
+        value = metrics[OBJECTIVE]
+        self.trial.report(value, epoch)
+        if epoch >= (self.warmup or 0) and epoch + 1 < self.total_epochs and self.trial.should_prune():
+            trainer.request_stop(f"pruned after epoch {epoch + 1} ({OBJECTIVE} {value:.4f})")
 
 
 def mark_lost(tracker: Tracker, plan: TunePlan, number: int, reason: str) -> None:
@@ -286,6 +305,7 @@ def mark_lost(tracker: Tracker, plan: TunePlan, number: int, reason: str) -> Non
 def worker_main(plan: TunePlan, worker: int, claims: Claims) -> None:
     """One worker process: take claims and run one trial per claim until the invocation's N are taken."""
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // plan.workers))
+    quiet_optuna()
     tracker = Tracker(plan.tracking_uri)
 
     def on_stale(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -302,8 +322,9 @@ def _announce(worker: int) -> Callable[[optuna.Study, FrozenTrial], None]:
         params = " ".join(f"{k}={v:.4g}" for k, v in trial.params.items())
         value = "-" if trial.value is None else f"{trial.value:.4f}"
         seconds = trial.duration.total_seconds() if trial.duration else 0.0
+        reason = f": {trial.user_attrs['reason']}" if trial.user_attrs.get("reason") else ""
         print(f"[worker {worker}] trial {trial.number} {trial.state.name} {OBJECTIVE}={value} {params} "
-              f"({seconds:.0f} s)", flush=True)
+              f"({seconds:.0f} s){reason}", flush=True)
 
     return callback
 
@@ -340,9 +361,17 @@ def fail_dead_workers(study: optuna.Study, tracker: Tracker, plan: TunePlan, dea
     return lost
 
 
+def check_data(plan: TunePlan) -> None:
+    """Build the trials' data once (the split is the same for every trial): missing or broken data files fail here,
+    with the dataset's own message, before any study, trial or MLflow run exists."""
+    build_data(plan.config({}))
+
+
 def tune(plan: TunePlan) -> tuple[TunePlan, optuna.Study, str, list[int]]:
     """Create or join the study and add `plan.n_trials` trials with `plan.workers` workers; return the plan as run,
     the study, the parent run id and the worker exit codes."""
+    check_data(plan)
+    quiet_optuna()
     tracker = Tracker(plan.tracking_uri)
     storage = open_storage(plan.storage)
     plan, parent = ensure_study(plan, tracker, storage)
@@ -355,6 +384,27 @@ def tune(plan: TunePlan) -> tuple[TunePlan, optuna.Study, str, list[int]]:
         tracker.end(parent, "KILLED")
         raise
     return plan, study, parent, codes
+
+
+def first_failure(study: optuna.Study, plan: TunePlan) -> str | None:
+    """If every trial this invocation added failed, the reason of the first one (else None)."""
+    mine = [t for t in study.get_trials(deepcopy=False) if t.number >= plan.first_trial]
+    if not mine or any(t.state != TrialState.FAIL for t in mine):
+        return None
+    return f"trial {mine[0].number}: {mine[0].user_attrs.get('reason') or 'no reason recorded (its worker died?)'}"
+
+
+def refit(plan: TunePlan, study: optuna.Study, tracker: Tracker, parent: str) -> RunResult:
+    """Train the best switches on the full training split and evaluate the test set once (a child run tagged
+    refit; rerunning skips a finished refit of the same trial and resumes an interrupted one)."""
+    if not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
+        raise HarnessError(f"study '{plan.study}' has no complete trial to refit")
+    best = study.best_trial
+    run = Run(plan.config(best.params, refit=True), tracker, plan.experiment, trial_name(plan.study, best.number, True),
+              parent_run_id=parent, tags={"kind": "refit", "refit": "true", "study": plan.study,
+                                          "best_trial": best.number})
+    with make_progress() as progress:
+        return run.execute(resume=True, progress=progress)
 
 
 def save_plots(study: optuna.Study, folder: Path, space: list[str]) -> dict[str, str]:

@@ -5,16 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from rich.console import Console
-from rich.table import Table
-
-from harness.registry import DATASETS
-from harness.data import shot_groups
 from harness.commands.options import add_data_options, check_dataset, make_config
 from harness.config import PRESETS
 from harness.errors import HarnessError
-from harness.registry import METHODS
-from harness.methods.models.profile import forward_flops, parameter_counts
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -38,6 +31,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def describe_method(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from harness.config import plan_epochs, stage_overrides
+    from harness.methods.models.profile import forward_flops, parameter_counts
+    from harness.registry import DATASETS, METHODS
+
     check_dataset(args.dataset)
     spec = DATASETS.get(args.dataset)
     cfg = make_config(args, args.method)
@@ -46,11 +46,13 @@ def describe_method(args: argparse.Namespace) -> int:
     model = method.model
     model.use_head(method.stages[-1].head)  # what inference uses after the last stage
     params = parameter_counts(model)
+    stages = stage_overrides(method.stages, cfg.stage_args)
     facts = {"method": args.method, "dataset": args.dataset, "preset": args.preset, "num_classes": spec.num_classes,
              "parameters_total": params["total"], "parameters_inference": params["inference"],
              "forward_flops_per_image": forward_flops(model, (1, 3, 32, 32)),
-             "stages": [{"name": s.name, "budget": s.budget, "trainable": list(s.trainable),
-                         "losses": {t.name: t.weight for t in s.losses}} for s in method.stages],
+             "stages": [{"name": s.name, "epochs": e, "peak_lr": s.peak_lr, "trainable": list(s.trainable),
+                         "losses": {t.name: t.weight for t in s.losses}}
+                        for s, e in zip(stages, plan_epochs(stages, cfg.train))],
              "method_args": cfg.method_kwargs}
     if args.json:
         print(json.dumps(facts, indent=2))
@@ -59,16 +61,25 @@ def describe_method(args: argparse.Namespace) -> int:
     for key in ("num_classes", "parameters_total", "parameters_inference", "forward_flops_per_image"):
         table.add_row(key, f"{facts[key]:,}")
     for stage in facts["stages"]:
-        table.add_row(f"stage {stage['name']}", json.dumps(stage["losses"]) + f" trains {stage['trainable']}")
+        table.add_row(f"stage {stage['name']}", f"{stage['epochs']} epochs, peak lr {stage['peak_lr']:g}, "
+                      + json.dumps(stage["losses"]) + f" trains {stage['trainable']}")
     Console().print(table)
     return 0
 
 
 def data_info(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from harness.data import shot_groups
+    from harness.registry import DATASETS
+
     check_dataset(args.dataset)
     if args.imbalance_factor < 1:
         raise HarnessError(f"--if must be >= 1 (the ratio n_max/n_min), got {args.imbalance_factor:g}")
     spec = DATASETS.get(args.dataset)
+    if args.profile not in spec.profiles:  # before the try below, which turns missing data into a note
+        raise HarnessError(f"unknown data profile '{args.profile}'; known profiles: {', '.join(spec.profiles)}")
     counts = spec.counts(args.imbalance_factor, args.n_max or None)
     groups = shot_groups(counts)
     facts = {"dataset": args.dataset, "imbalance_factor": args.imbalance_factor, "profile": args.profile,
@@ -89,5 +100,7 @@ def data_info(args: argparse.Namespace) -> int:
     for key in ("num_classes", "total", "groups", "manifest_hash"):
         table.add_row(key, str(facts[key]))
     table.add_row("class_counts", ", ".join(map(str, counts)))
+    if "manifest_note" in facts:
+        table.add_row("note", facts["manifest_note"])
     Console().print(table)
     return 0

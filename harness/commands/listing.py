@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from rich.console import Console
-from rich.table import Table
-
 from harness.config import PRESETS
 
 
@@ -21,6 +18,9 @@ def _first_line(doc: str | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
     table = Table(show_header=True)
     table.add_column("name")
     table.add_column("description")

@@ -1,13 +1,23 @@
-"""Options shared by the commands that build a run config, and their translation into a `RunConfig`."""
+"""Options shared by the commands that build run configs, and their translation into `RunSettings` / a `RunConfig`.
+
+Light on purpose: `harness ... --help` imports this module, so nothing here may import torch, mlflow or pandas, and
+nothing here may read a registry (registries load plugins); names are checked when the command runs.
+"""
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING
 
-from harness.config import PRESETS, RunConfig, parse_assignments, parse_epochs, resolve
+from harness.config import PRESETS
 from harness.errors import HarnessError
-from harness.registry import METHODS
+
+if TYPE_CHECKING:
+    from harness.config import RunConfig
+    from harness.studies.settings import RunSettings
+
+EPOCHS_HELP = ("training epochs: E in all, split in the method's own stage proportions (SHIKE 9:1, so 200 is "
+               "180+20), or E1+E2 for each stage (default: the method's recipe, 180+20)")
 
 
 def imbalance_factor(text: str) -> float:
@@ -23,9 +33,18 @@ def imbalance_factor(text: str) -> float:
 
 def seed_list(text: str) -> list[int]:
     try:
-        return [int(part) for part in text.split(",") if part.strip()]
+        seeds = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"--seeds expects comma-separated integers, got '{text}'") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError("--seeds expects at least one integer, e.g. 0 or 0,1,2")
+    return seeds
+
+
+def add_seeds(parser: argparse.ArgumentParser, help_text: str = "training seeds, comma-separated (e.g. 0 or 0,1,2)"
+              ) -> None:
+    """The one seed flag of every command."""
+    parser.add_argument("--seeds", type=seed_list, default=[0], help=f"{help_text}; default 0")
 
 
 def add_data_options(parser: argparse.ArgumentParser, dataset_required: bool = True) -> None:
@@ -36,14 +55,19 @@ def add_data_options(parser: argparse.ArgumentParser, dataset_required: bool = T
     parser.add_argument("--download", action="store_true", help="download the data with torchvision if missing")
 
 
-def add_run_options(parser: argparse.ArgumentParser) -> None:
-    add_data_options(parser)
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """--preset, --epochs, --set and --device: what every trained run's config is made of besides the data."""
     parser.add_argument("--preset", default="shike-code", choices=sorted(PRESETS),
                         help="settings source: shike-code (official code), shike-paper, shike-code-literal")
-    parser.add_argument("--epochs", default=None, help="E1+E2 (stage epochs, default 180+20) or E (E + ceil(E/9))")
+    parser.add_argument("--epochs", default=None, metavar="E|E1+E2", help=EPOCHS_HELP)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. optim.lr=0.1, train.eval_interval=0, method.alpha=0.2")
     parser.add_argument("--device", default=None, help="auto (default), cpu or cuda")
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    add_data_options(parser)
+    add_config_options(parser)
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite in ./runs)")
     parser.add_argument("--experiment", default=None, help="MLflow experiment name")
     group = parser.add_mutually_exclusive_group()
@@ -51,28 +75,19 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--restart", action="store_true", help="discard unfinished checkpoints and start over")
 
 
-def base_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """Flags that are shorthands for config keys; explicit --set entries win over them."""
-    out: dict[str, Any] = {"data.dataset": args.dataset, "data.imbalance_factor": args.imbalance_factor,
-                           "data.data_root": args.data_root, "data.download": args.download}
-    if getattr(args, "epochs", None):
-        first, second = parse_epochs(args.epochs)
-        out.update({"train.epochs": first, "train.crt_epochs": second})
-    if getattr(args, "device", None):
-        out["train.device"] = args.device
-    return out
+def run_settings(args: argparse.Namespace) -> RunSettings:
+    """The flags every run of a command shares (a command without --epochs or --device leaves them unset)."""
+    from harness.studies.settings import RunSettings
+
+    return RunSettings(dataset=args.dataset, imbalance_factor=args.imbalance_factor,
+                       preset=getattr(args, "preset", "shike-code"), epochs=getattr(args, "epochs", None),
+                       device=getattr(args, "device", None), data_root=getattr(args, "data_root", ""),
+                       download=getattr(args, "download", False), overrides=tuple(getattr(args, "overrides", [])))
 
 
-def make_config(args: argparse.Namespace, method: str, seed: int | None = None,
-                extra: dict[str, Any] | None = None) -> RunConfig:
-    """defaults -> preset -> flags -> row switches (`extra`) -> --set."""
-    builder = METHODS.get(method)
-    overrides = base_overrides(args)
-    if seed is not None:
-        overrides["train.seed"] = seed
-    overrides.update({f"method.{k}": v for k, v in (extra or {}).items()})
-    overrides.update(parse_assignments(getattr(args, "overrides", [])))
-    return resolve(method, builder, preset=getattr(args, "preset", "shike-code"), overrides=overrides)
+def make_config(args: argparse.Namespace, method: str, seed: int | None = None) -> RunConfig:
+    """defaults -> preset -> flags -> --set: `harness.config.resolve_config` with this command's flags."""
+    return run_settings(args).config(method, seed)
 
 
 def check_dataset(name: str) -> None:

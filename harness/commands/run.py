@@ -1,23 +1,20 @@
-"""`harness run method ...` (one method, one or more seeds) and `harness run ablation ...` (a declared table)."""
+"""`harness run method ...` (one method, one or more seeds), `harness run ablation ...` (a declared table) and
+`harness demo`. The parsers are built without importing torch, mlflow or pandas; the work imports them."""
 
 from __future__ import annotations
 
 import argparse
-import math
-import shutil
 import time
 
-import pandas as pd
-from rich.console import Console
-from rich.table import Table
+from harness.commands.options import add_run_options, add_seeds, check_dataset, make_config, run_settings, seed_list
+from harness.naming import experiment_name, run_name
 
-from harness.commands.options import add_run_options, check_dataset, make_config, seed_list
-from harness.config import RunConfig
-from harness.progress import make_progress
-from harness.runner import Run, checkpoint_dir
-from harness.tracking import Tracker
-from harness.studies.ablation import StudyPlan, run_study, select_rows, summarize_study
-from harness.studies.tables import TABLES, Row
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -25,21 +22,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     kinds = parser.add_subparsers(dest="kind", required=True)
     method = kinds.add_parser("method", help="one method on one dataset, for one or more seeds")
     method.add_argument("--method", required=True, help="method name (harness list methods)")
-    method.add_argument("--seed", type=seed_list, default=[0], help="training seed(s), e.g. 0 or 0,1,2")
+    add_seeds(method, "training seeds, one MLflow run each")
     add_run_options(method)
     method.set_defaults(func=run_method)
-    ablation = kinds.add_parser("ablation", help="every row of a table (default: SHIKE Table 4) for each seed")
-    ablation.add_argument("--table", default="table4", choices=sorted(TABLES))
-    ablation.add_argument("--seeds", type=seed_list, default=[0], help="comma-separated training seeds")
+    ablation = kinds.add_parser("ablation", help="every row of a table (default: SHIKE Table 4) for each seed, "
+                                                 "then the table")
+    ablation.add_argument("--table", default="table4", help="table name (harness list tables; default table4)")
+    add_seeds(ablation, "training seeds, one child run per row and seed")
     ablation.add_argument("--rows", default="", help="comma-separated row keys (default: all runnable rows)")
-    ablation.add_argument("--workers", type=int, default=1,
+    ablation.add_argument("--workers", type=_positive, default=1,
                           help="runs executed at once in separate processes (default 1: one after another)")
     add_run_options(ablation)
     ablation.set_defaults(func=run_ablation)
     demo = subparsers.add_parser("demo", help="the main job on the embedded default (Table 4 on Fashion-MNIST-LT, "
                                               "CPU schedule, local MLflow store)")
-    demo.add_argument("--epochs", default=DEMO_EPOCHS, help=f"stage epochs (default {DEMO_EPOCHS})")
-    demo.add_argument("--seeds", default="0")
+    demo.add_argument("--epochs", default=DEMO_EPOCHS, help=f"stage epochs E1+E2 (default {DEMO_EPOCHS})")
+    demo.add_argument("--seeds", type=seed_list, default=[0], help="training seeds, comma-separated; default 0")
     demo.add_argument("--rows", default=DEMO_ROWS, help=f"Table 4 rows (default {DEMO_ROWS})")
     demo.add_argument("--tracking-uri", default=None)
     demo.set_defaults(func=run_demo)
@@ -55,10 +53,12 @@ DEMO_SETTINGS = ("data.test_per_class=200", "train.eval_interval=0")
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
     from harness.cli import main
 
-    argv = ["run", "ablation", "--dataset", "fmnistlt", "--if", "100", "--seeds", args.seeds, "--epochs", args.epochs,
-            "--rows", args.rows]
+    argv = ["run", "ablation", "--dataset", "fmnistlt", "--if", "100", "--seeds", ",".join(map(str, args.seeds)),
+            "--epochs", args.epochs, "--rows", args.rows]
     for setting in DEMO_SETTINGS:
         argv += ["--set", setting]
     if args.tracking_uri:
@@ -67,39 +67,31 @@ def run_demo(args: argparse.Namespace) -> int:
     return main(argv)
 
 
-def _fmt(value: object, digits: int = 2) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if isinstance(value, float):
-        return f"{value:+.{digits}f}" if digits < 0 else f"{value:.{digits}f}"
-    return str(value)
+def _restart(experiment: str, name: str, cfg: object) -> None:
+    import shutil
 
+    from harness.naming import checkpoint_dir
+    from harness.tracking import runs_dir
 
-def print_frame(frame: pd.DataFrame, title: str, caption: str = "") -> None:
-    table = Table(title=title, caption=caption or None)
-    for column in frame.columns:
-        table.add_column(str(column), justify="left" if column in ("row", "method") else "right")
-    for _, line in frame.iterrows():
-        table.add_row(*[_fmt(line[c]) for c in frame.columns])
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=200)  # logs and pipes: never truncate numbers to fit 80 columns
-    console.print(table)
-
-
-def _restart(experiment: str, name: str, cfg: RunConfig) -> None:
-    shutil.rmtree(checkpoint_dir(experiment, name, cfg), ignore_errors=True)
+    shutil.rmtree(checkpoint_dir(runs_dir(), experiment, name, cfg), ignore_errors=True)
 
 
 def run_method(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from harness.commands.output import print_frame
+    from harness.progress import make_progress
+    from harness.runner import Run
+    from harness.tracking import Tracker
+
     check_dataset(args.dataset)
+    configs = {seed: make_config(args, args.method, seed) for seed in args.seeds}  # validate all before training
     tracker = Tracker(args.tracking_uri)
-    configs = {seed: make_config(args, args.method, seed) for seed in args.seed}  # validate all before training
-    experiment = args.experiment or f"{args.method}-{args.dataset}-if{args.imbalance_factor:g}"
+    experiment = args.experiment or experiment_name(args.method, args.dataset, args.imbalance_factor)
     lines = []
     with make_progress() as progress:
         for seed, cfg in configs.items():
-            name = f"{args.method}-{args.dataset}-if{args.imbalance_factor:g}-s{seed}"
+            name = run_name(args.method, args.dataset, args.imbalance_factor, seed)
             if args.restart:
                 _restart(experiment, name, cfg)
             result = Run(cfg, tracker, experiment, name).execute(resume=args.resume, progress=progress)
@@ -113,32 +105,24 @@ def run_method(args: argparse.Namespace) -> int:
 
 
 def run_ablation(args: argparse.Namespace) -> int:
+    """Refuses (one line, before any training or MLflow run) a study that could not end in its table; otherwise
+    runs it and prints its report, the same table `harness report TABLE` prints."""
+    from harness.commands.output import note
+    from harness.commands.report import print_report
+    from harness.progress import make_progress
+    from harness.studies.ablation import plan_study, run_study
+    from harness.studies.tables import TABLES
+    from harness.tracking import Tracker
+
     check_dataset(args.dataset)
-    table = TABLES[args.table]
-    rows = select_rows(table, [r for r in args.rows.split(",") if r.strip()] or None)
-    plan = StudyPlan(table, rows, tuple(args.seeds), args.dataset, args.imbalance_factor, args.experiment)
-
-    def config_for(row: Row, seed: int) -> RunConfig:
-        assert row.method is not None
-        cfg = make_config(args, row.method, seed, extra=row.kwargs)
-        if args.restart:
-            _restart(plan.experiment, plan.run_name(row, seed), cfg)
-        return cfg
-
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()] or None
+    plan = plan_study(TABLES.get(args.table), rows, args.seeds, run_settings(args), args.experiment)
     tracker = Tracker(args.tracking_uri)
-    signature = {"table": table.name, "rows": [r.key for r in rows], "seeds": args.seeds, "dataset": args.dataset,
-                 "if": args.imbalance_factor, "preset": args.preset, "epochs": args.epochs, "set": args.overrides}
     started = time.perf_counter()
     with make_progress() as progress:
-        parent, frame = run_study(plan, config_for, tracker, resume=args.resume, signature=signature,
-                                  progress=progress, workers=args.workers)
-    summary = summarize_study(plan, frame)
-    wall = time.perf_counter() - started
-    column = table.columns[0]
-    caption = ""
-    if (column.dataset, column.imbalance_factor) != (args.dataset, args.imbalance_factor):
-        caption = (f"paper = {column.dataset} IF {column.imbalance_factor:g}; on {args.dataset} the difference "
-                   "is a cross-dataset comparison, not a reproduction gap")
-    print_frame(summary, f"{table.title}\n{args.dataset} IF {args.imbalance_factor:g}, seeds {args.seeds}, "
-                         f"final epoch; parent run {parent[:8]}; wall {wall:.0f} s", caption)
+        result = run_study(plan, tracker, resume=args.resume, restart=args.restart, progress=progress,
+                           workers=args.workers)
+    print_report(result.report, f"study {plan.experiment}, parent run {result.parent[:8]}")
+    note(f"{len(result.runs)} runs in {time.perf_counter() - started:.0f} s; logged {', '.join(result.artifacts)} "
+         f"to parent run {result.parent} ({tracker.uri})")
     return 0

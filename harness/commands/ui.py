@@ -7,8 +7,6 @@ import os
 import subprocess
 import sys
 
-from harness.tracking import default_tracking_uri
-
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("ui", help="start the MLflow UI on the local store (127.0.0.1)")
@@ -18,6 +16,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from harness.tracking import default_tracking_uri
+
     uri = args.tracking_uri or default_tracking_uri()
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}

@@ -83,7 +83,7 @@ def test_run_method_end_to_end_on_real_data(capsys, harness_home):
     assert run["status"] == "FINISHED"
     assert {"metrics.test/top1", "metrics.test/many", "metrics.test/few", "metrics.test/ece", "metrics.loss/ce",
             "metrics.loss/bsce", "metrics.lr"} <= set(runs.columns)
-    assert run["params.train.epochs"] == "1" and run["tags.manifest_hash"] and run["tags.git_commit"]
+    assert run["params.plan.epochs"] == "1+1" and run["tags.manifest_hash"] and run["tags.git_commit"]
     assert run["tags.mlflow.runName"] == "plain-fmnistlt-if100-s0"
     details = Tracker().load_arrays(run["run_id"], "eval_details.npz")
     assert details["per_class_acc"].shape == (10,)
@@ -119,3 +119,28 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
         return json.loads(state.read_text())["metrics"]
 
     assert final(tmp_path / "clean") == final(tmp_path / "killed")
+
+
+TOY_TABLE = """
+from harness.studies.tables import TABLES, Column, TableSpec, row
+
+TABLES.register("toy")(TableSpec(name="toy", title="Toy table from a plugin",
+                                 columns=(Column("Acc", "test/top1", "fmnistlt", 100.0),),
+                                 rows=(row("CE", "ce", "ce", 40.0), row("Other", "other", None, 41.0))))
+"""
+
+
+def test_a_plugin_table_is_reported_by_name(tmp_path):
+    """`--plugin MODULE` imports a module that registers a table; `harness report TABLE` then knows it, because the
+    table name is checked when the command runs, not when the parser is built."""
+    (tmp_path / "toy_table_plugin.py").write_text(TOY_TABLE)
+    env = {**os.environ, "HARNESS_HOME": str(tmp_path / "runs"), "PYTHONPATH": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "harness.cli", "--plugin", "toy_table_plugin", "report", "toy",
+                           "--format", "csv", "--no-log"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("row,column,mean,std,n,ci95,paper,diff,status")
+    assert lines[1].startswith("CE,Acc,,,0,,40.0,,no runs") and lines[2].startswith("Other,Acc,,,0,,41.0,,not runnable")
+    without = subprocess.run([sys.executable, "-m", "harness.cli", "report", "toy"], env=env, capture_output=True,
+                             text=True, timeout=120)
+    assert without.returncode == 2 and "unknown report 'toy'; tables: table1" in without.stderr

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from harness.data import Split
-from harness.config import resolve
+from harness.config import resolve_config, stage_overrides
+from harness.hooks import Hook
 from harness.datasets.augment import per_image_pipeline
 from harness.feeders import ReferenceFeeder
-from harness.trainer import Trainer
+from harness.trainer import NonFiniteLoss, Trainer
 from harness.registry import METHODS
 
 COUNTS = (40, 20, 10, 5)
@@ -23,12 +24,22 @@ def toy_split(n: int = 75, seed: int = 0) -> Split:
     return Split(images, labels)
 
 
+class EpochSpy(Hook):
+    """Calls `fn(epoch, metrics)` after every epoch, as a test's window into the trainer."""
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+
+    def after_epoch(self, trainer, epoch, metrics) -> None:
+        self.fn(epoch, metrics)
+
+
 def make(method: str = "shike", epochs: int = 2, crt: int = 1, **overrides):
     torch.manual_seed(0)
-    cfg = resolve(method, METHODS.get(method), overrides={"train.epochs": epochs, "train.crt_epochs": crt,
-                                                          "optim.batch_size": 32, "method.experts": 2,
-                                                          **overrides})
+    cfg = resolve_config(method, epochs=f"{epochs}+{crt}",
+                         overrides={"optim.batch_size": 32, "method.experts": 2, **overrides})
     spec = METHODS.get(method)(num_classes=len(COUNTS), class_counts=COUNTS, **cfg.method_kwargs)
+    spec.stages = stage_overrides(spec.stages, cfg.stage_args)
     feeder = ReferenceFeeder(toy_split(), per_image_pipeline("autoaugment", (0.5,) * 3, (0.25,) * 3), 32,
                              torch.device("cpu"))
     return cfg, spec, feeder
@@ -37,7 +48,6 @@ def make(method: str = "shike", epochs: int = 2, crt: int = 1, **overrides):
 def test_two_stages_log_every_term_and_freeze_the_backbone():
     cfg, spec, feeder = make()
     logged: dict[int, dict[str, float]] = {}
-    trainer = Trainer(spec, cfg, feeder, torch.device("cpu"))
     snapshot: dict[str, torch.Tensor] = {}
 
     def remember(epoch: int, metrics: dict[str, float]) -> None:
@@ -45,8 +55,7 @@ def test_two_stages_log_every_term_and_freeze_the_backbone():
         if epoch == 1:  # the end of stage 1
             snapshot.update({k: v.clone() for k, v in spec.model.state_dict().items()})
 
-    trainer.on_epoch = remember
-    trainer.fit()
+    Trainer(spec, cfg, feeder, torch.device("cpu"), hooks=[EpochSpy(remember)]).fit()
     assert set(logged) == {0, 1, 2}
     assert {"loss/ce", "loss/nt", "loss/mu", "loss/total", "lr"} <= set(logged[0])
     assert set(logged[2]) == {"loss/bsce", "loss/total", "lr"}
@@ -69,7 +78,7 @@ def test_freeze_bn_keeps_running_statistics_in_stage_two():
         if epoch == 1:
             before.update({k: v.clone() for k, v in spec.model.state_dict().items() if "running" in k})
 
-    Trainer(spec, cfg, feeder, torch.device("cpu"), on_epoch=remember).fit()
+    Trainer(spec, cfg, feeder, torch.device("cpu"), hooks=[EpochSpy(remember)]).fit()
     after = spec.model.state_dict()
     assert before and all(torch.equal(v, after[k]) for k, v in before.items())
 
@@ -77,7 +86,7 @@ def test_freeze_bn_keeps_running_statistics_in_stage_two():
 def test_total_loss_is_the_weighted_sum_of_terms():
     cfg, spec, feeder = make(epochs=1, crt=0)
     logged = {}
-    Trainer(spec, cfg, feeder, torch.device("cpu"), on_epoch=lambda e, m: logged.update(m)).fit()
+    Trainer(spec, cfg, feeder, torch.device("cpu"), hooks=[EpochSpy(lambda e, m: logged.update(m))]).fit()
     weights = {t.name: t.weight for t in spec.stages[0].losses}
     expected = sum(weights[k.split("/")[1]] * v for k, v in logged.items() if k.startswith("loss/") and
                    k != "loss/total")
@@ -100,7 +109,7 @@ def test_resume_from_a_checkpoint_reaches_the_same_weights(tmp_path):
     cfg, spec, feeder = make(epochs=3, crt=1)
     with pytest.raises(Killed):
         Trainer(spec, cfg, feeder, torch.device("cpu"), checkpoint_path=tmp_path / "b.pt",
-                on_epoch=kill_at_epoch_two).fit()
+                hooks=[EpochSpy(kill_at_epoch_two)]).fit()
     torch.manual_seed(123)  # the resumed process has other RNG state; the per-epoch seeds make it irrelevant
     cfg, spec, feeder = make(epochs=3, crt=1)
     Trainer(spec, cfg, feeder, torch.device("cpu"), checkpoint_path=tmp_path / "b.pt").fit(resume=True)
@@ -110,6 +119,36 @@ def test_resume_from_a_checkpoint_reaches_the_same_weights(tmp_path):
 
 
 def test_non_finite_loss_stops_the_run():
-    cfg, spec, feeder = make(epochs=3, crt=0, **{"optim.peak_lr": 1e30, "method.head": "linear"})
-    with pytest.raises(FloatingPointError, match="non-finite loss"):
+    cfg, spec, feeder = make(epochs=3, crt=0, **{"stage.representation.peak_lr": 1e30, "method.head": "linear"})
+    with pytest.raises(NonFiniteLoss, match="non-finite loss"):
         Trainer(spec, cfg, feeder, torch.device("cpu")).fit()
+
+
+def test_request_stop_ends_after_the_epoch_with_a_checkpoint(tmp_path):
+    cfg, spec, feeder = make(epochs=3, crt=1)
+    seen = []
+
+    class StopAtOne(Hook):
+        def after_epoch(self, trainer, epoch, metrics):
+            seen.append(epoch)
+            if epoch == 1:
+                trainer.request_stop("pruned")
+
+    trainer = Trainer(spec, cfg, feeder, torch.device("cpu"), checkpoint_path=tmp_path / "c.pt", hooks=[StopAtOne()])
+    trainer.fit()
+    assert seen == [0, 1] and trainer.stop_reason == "pruned"
+    state = torch.load(tmp_path / "c.pt", weights_only=False)
+    assert (state["stage"], state["epoch"]) == (0, 2)
+
+
+def test_a_third_stage_is_only_a_new_stage_in_the_builder():
+    """A post-hoc step declared by a builder runs with its own epochs and LR peak; no engine change is needed."""
+    from dataclasses import replace
+
+    cfg, spec, feeder = make(epochs=1, crt=1, **{"train.stage_epochs": "1+1+2"})
+    extra = replace(spec.stages[1], name="post-hoc", epochs=5, peak_lr=0.01)
+    spec.stages = (*spec.stages, extra)
+    lrs: dict[int, float] = {}
+    Trainer(spec, cfg, feeder, torch.device("cpu"), hooks=[EpochSpy(lambda e, m: lrs.update({e: m["lr"]}))]).fit()
+    assert sorted(lrs) == [0, 1, 2, 3]
+    assert lrs[2] == pytest.approx(0.01) and lrs[3] == pytest.approx(0.005)  # cosine from its own peak

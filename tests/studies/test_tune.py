@@ -1,5 +1,6 @@
 """Optuna tuning: search spaces, resume, failed and non-finite trials, pruning, MLflow child runs, and that a trial
-never evaluates the test split. Most tests swap the harness Run for a fake one (no training); one trains for real."""
+never evaluates the test split. Most tests swap the harness Run for a fake one that drives the trial's hooks as the
+trainer would (no training); one trains for real."""
 
 from __future__ import annotations
 
@@ -10,29 +11,45 @@ from pathlib import Path
 
 import pytest
 
+import harness.evaluate
 import harness.runner
 import harness.studies.tune as tune_mod
 from harness.cli import main
 from harness.errors import HarnessError
 from harness.runner import RunResult
+from harness.studies.search_space import Param, parse_space
+from harness.studies.settings import RunSettings
+from harness.studies.tune import PARENT_ATTR, Claims, PruneHook, TunePlan, default_storage
 from harness.tracking import Tracker
-from harness.studies.tune import PARENT_ATTR, Claims, Param, TunePlan
-from harness.studies.tune_cli import add_study_arguments, default_storage, parse_space, report_study
+from harness.trainer import NonFiniteLoss
 
-TINY = ["data.n_max=50", "data.test_per_class=7", "data.augment=none"]  # test 70 images, validation 50
+TINY = ("data.n_max=50", "data.test_per_class=7", "data.augment=none")  # test 70 images, validation 50
 CLI = ["--dataset", "fmnistlt", "--if", "10", "--epochs", "1+1", "--val-per-class", "5", "--device", "cpu",
        "--startup-trials", "2", "--prune-warmup", "1"] + [arg for item in TINY for arg in ("--set", item)]
 
 
+class FakeTrainer:
+    """What a hook sees of the trainer: two one-epoch stages, and request_stop."""
+
+    def __init__(self):
+        self.stages = [type("StageRun", (), {"epochs": 1})(), type("StageRun", (), {"epochs": 1})()]
+        self.total_epochs = 2
+        self.stop_reason = None
+
+    def request_stop(self, reason):
+        self.stop_reason = reason
+
+
 class FakeRun:
-    """Stands in for harness.runner.Run: an MLflow child run and three validation reports, no training.
+    """Stands in for harness.runner.Run: an MLflow child run whose hooks see one validation evaluation (epoch 0 of
+    1+1, as the trainer reports it), then the final one as the run's result; no training.
     `FAILS` maps a trial number to the exception its run raises."""
 
     FAILS: dict[int, BaseException] = {}
 
-    def __init__(self, cfg, tracker, experiment, run_name, parent_run_id=None, tags=None, on_eval=None):
+    def __init__(self, cfg, tracker, experiment, run_name, *, parent_run_id=None, tags=None, hooks=()):
         self.cfg, self.tracker, self.experiment, self.name = cfg, tracker, experiment, run_name
-        self.parent, self.tags, self.on_eval, self.run_id = parent_run_id, tags, on_eval, ""
+        self.parent, self.tags, self.hooks, self.run_id = parent_run_id, tags, list(hooks), ""
 
     def execute(self, resume=False, progress=None):
         assert not self.cfg.train.eval_test and self.cfg.data.val_per_class == 5
@@ -40,14 +57,20 @@ class FakeRun:
         kw = self.cfg.method_kwargs
         score = 80 - 10 * abs(math.log10(kw["alpha"]) + 1) - 5 * abs(math.log10(kw["beta"]) + 2)
         number = int(self.name.rsplit("-t", 1)[1])
+        trainer = FakeTrainer()
         try:
-            for epoch in (0, 2):  # 1+1 epochs: one intermediate evaluation, then the final one at epoch 2
-                if number in self.FAILS:
-                    raise self.FAILS[number]
-                self.on_eval(epoch, {"val/top1": score, "val/balanced_acc": score})
+            if number in self.FAILS:
+                raise self.FAILS[number]
+            for hook in self.hooks:
+                hook.before_train(trainer)
+            for hook in self.hooks:
+                hook.after_epoch(trainer, 0, {"loss/total": 1.0, "val/top1": score, "val/balanced_acc": score})
         except BaseException:
             self.tracker.end(self.run_id, "FAILED")
             raise
+        if trainer.stop_reason:
+            self.tracker.end(self.run_id, "KILLED")
+            return RunResult(self.name, self.run_id, {}, 0.0, stopped=trainer.stop_reason)
         self.tracker.end(self.run_id)
         return RunResult(self.name, self.run_id, {"val/balanced_acc": score}, 0.0)
 
@@ -70,11 +93,10 @@ def fake_run(monkeypatch):
 
 def make_plan(n_trials: int, **changes) -> TunePlan:
     tracking = Tracker().uri
-    cli = {"dataset": "fmnistlt", "imbalance_factor": 10.0, "data_root": "", "download": False, "epochs": "1+1",
-           "device": "cpu", "preset": "shike-code", "overrides": list(TINY)}
+    settings = RunSettings(dataset="fmnistlt", imbalance_factor=10.0, epochs="1+1", device="cpu", overrides=TINY)
     plan = TunePlan(study="s", storage=default_storage(tracking), tracking_uri=tracking, experiment="tune-s",
-                    method="shike", space=parse_space("shike", ""), cli=cli, val_per_class=5, n_trials=n_trials,
-                    startup_trials=2, prune_warmup=1)
+                    method="shike", space=parse_space("shike", ""), settings=settings, val_per_class=5,
+                    n_trials=n_trials, startup_trials=2, prune_warmup=1)
     return TunePlan(**{**plan.__dict__, **changes})
 
 
@@ -110,7 +132,7 @@ def test_resume_adds_trials_under_one_parent_run(harness_home, fake_run):
 
 
 def test_failing_and_non_finite_trials_are_recorded_and_the_study_goes_on(harness_home, fake_run):
-    fake_run.FAILS = {1: RuntimeError("boom"), 2: FloatingPointError("non-finite loss in stage x")}
+    fake_run.FAILS = {1: RuntimeError("boom"), 2: NonFiniteLoss("non-finite loss in stage x")}
     _, study, parent, _ = tune_mod.tune(make_plan(4))
     assert states(study) == ["COMPLETE", "FAIL", "PRUNED", "COMPLETE"]
     assert "boom" in study.trials[1].user_attrs["reason"]
@@ -128,31 +150,43 @@ def test_pruned_trials_stop_early_and_count(harness_home, fake_run):
     assert all(t.intermediate_values[0] < complete[-1] for t in pruned)
 
 
-def test_prune_reporter_never_prunes_the_final_evaluation():
-    class Trial:
-        def __init__(self, prune):
-            self.reports, self.prune = [], prune
+class FakeTrial:
+    def __init__(self, prune):
+        self.reports, self.prune = [], prune
 
-        def report(self, value, step):
-            self.reports.append((step, value))
+    def report(self, value, step):
+        self.reports.append((step, value))
 
-        def should_prune(self):
-            return self.prune
+    def should_prune(self):
+        return self.prune
 
-    reporter = tune_mod._PruneReporter(Trial(prune=True), final_epoch=2)
-    with pytest.raises(tune_mod.optuna.TrialPruned):
-        reporter(0, {"val/balanced_acc": 1.0})
-    reporter(2, {"val/balanced_acc": 1.0})  # the final evaluation is reported, never pruned
-    assert reporter.trial.reports == [(0, 1.0), (2, 1.0)]
+
+def test_prune_hook_waits_for_the_warmup_and_never_prunes_the_last_epoch():
+    trainer = FakeTrainer()
+    trainer.stages[0].epochs, trainer.total_epochs = 4, 6  # 4+2: default warm-up is half the first stage
+    hook = PruneHook(FakeTrial(prune=True))
+    hook.before_train(trainer)
+    assert hook.warmup == 2
+    for epoch in (0, 1):
+        hook.after_epoch(trainer, epoch, {"val/balanced_acc": 1.0})
+    hook.after_epoch(trainer, 2, {"loss/total": 1.0})  # an epoch without evaluation reports nothing
+    assert trainer.stop_reason is None and hook.trial.reports == [(0, 1.0), (1, 1.0)]
+    hook.after_epoch(trainer, 5, {"val/balanced_acc": 2.0})  # the last epoch: reported, never pruned
+    assert trainer.stop_reason is None
+    hook.after_epoch(trainer, 3, {"val/balanced_acc": 0.5})
+    assert trainer.stop_reason == "pruned after epoch 4 (val/balanced_acc 0.5000)"
+    keep = PruneHook(FakeTrial(prune=False), warmup=0)
+    keep.before_train(trainer)
+    keep.after_epoch(trainer, 0, {"val/balanced_acc": 1.0})
     with pytest.raises(HarnessError, match="test split"):
-        reporter(1, {"val/balanced_acc": 1.0, "test/top1": 1.0})
+        keep.after_epoch(trainer, 1, {"val/balanced_acc": 1.0, "test/top1": 1.0})
 
 
 def test_a_different_setup_refuses_to_join_the_study(harness_home, fake_run):
     tune_mod.tune(make_plan(1))
-    changed = make_plan(1)
-    changed.cli["epochs"] = "2+1"
-    with pytest.raises(HarnessError, match="train.epochs"):
+    changed = make_plan(1, settings=RunSettings(dataset="fmnistlt", imbalance_factor=10.0, epochs="2+1",
+                                                device="cpu", overrides=TINY))
+    with pytest.raises(HarnessError, match="train.stage_epochs"):
         tune_mod.tune(changed)
 
 
@@ -174,29 +208,29 @@ def test_cli_tune_then_report_study(harness_home, fake_run, tmp_path, capsys):
     names = {a.path for a in Tracker().client.list_artifacts(study.user_attrs[PARENT_ATTR])}
     assert {"best_params.csv", "best_params.md", "trials.csv", "optimization_history.png",
             "param_importances.png", "contour_alpha_beta.png"} <= names
-    parser = __import__("argparse").ArgumentParser()
-    add_study_arguments(parser)
-    assert report_study(parser.parse_args(["cli", "--out", str(tmp_path / "out")])) == 0
-    assert "3 trials (3 COMPLETE)" in capsys.readouterr().out and (tmp_path / "out" / "best_params.md").is_file()
-    with pytest.raises(HarnessError, match="its studies: cli"):
-        report_study(parser.parse_args(["nope"]))
+    assert main(["report", "study", "cli", "--out", str(tmp_path / "out")]) == 0
+    assert "3 trials (3 COMPLETE)" in capsys.readouterr().out
+    best = (tmp_path / "out" / "best_params.md").read_text()
+    assert best.startswith("### Best trials of study 'cli'") and best.count("\n| ") == 5  # header, rule, 3 trials
+    assert main(["report", "study", "nope"]) == 2
+    assert "its studies: cli" in capsys.readouterr().err
     assert main(["tune", *CLI, "--set", "method.alpha=0.5"]) == 2  # a searched switch cannot also be --set
 
 
 def test_real_trial_sees_validation_only_and_refit_sees_test_once(harness_home, monkeypatch, capsys):
     built, predicted = [], []
-    real_build, real_predict = harness.runner.build_data, harness.runner.predict
+    real_build, real_predict = harness.runner.build_data, harness.evaluate.Evaluator.predict
 
     def build_spy(cfg):
         built.append(real_build(cfg))
         return built[-1]
 
-    def predict_spy(model, split, *args, **kwargs):
+    def predict_spy(self, model, split):
         predicted.append(("test" if len(split) == 70 else "val", len(built)))  # by size: splits may be device copies
-        return real_predict(model, split, *args, **kwargs)
+        return real_predict(self, model, split)
 
     monkeypatch.setattr(harness.runner, "build_data", build_spy)
-    monkeypatch.setattr(harness.runner, "predict", predict_spy)
+    monkeypatch.setattr(harness.evaluate.Evaluator, "predict", predict_spy)
     assert main(["tune", *CLI, "--trials", "1", "--study", "real", "--refit"]) == 0
     trial_calls = [kind for kind, run in predicted if run == 1]
     refit_calls = [kind for kind, run in predicted if run == 2]

@@ -1,0 +1,65 @@
+"""The skip policy of tests/conftest.py, run in an inner pytest session: a `server` or `browser` test that skips
+fails unless HARNESS_ALLOW_SKIP names one of its marks; other skips and xfails are left alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+INNER_TESTS = '''
+import pytest
+
+@pytest.mark.browser
+@pytest.mark.server
+def test_chromium_page():
+    pytest.skip("chromium is not installed")
+
+@pytest.mark.server
+@pytest.mark.skipif(True, reason="initdb not found")
+def test_postgres_study():
+    pass
+
+def test_unmarked():
+    pytest.skip("no prerequisite of ours")
+
+@pytest.mark.server
+@pytest.mark.xfail(reason="known bug", strict=True)
+def test_known_bug():
+    assert False
+'''
+
+
+@pytest.fixture
+def inner(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch):
+    """Runs INNER_TESTS under this suite's conftest with HARNESS_ALLOW_SKIP set to `allow` (None: unset)."""
+    pytester.makeconftest(Path(__file__).with_name("conftest.py").read_text())
+    pytester.makeini("[pytest]\nmarkers =\n    server: x\n    browser: x\n")
+    pytester.makepyfile(test_inner=INNER_TESTS)
+
+    def run(allow: str | None) -> pytest.RunResult:
+        if allow is None:
+            monkeypatch.delenv("HARNESS_ALLOW_SKIP", raising=False)
+        else:
+            monkeypatch.setenv("HARNESS_ALLOW_SKIP", allow)
+        return pytester.runpytest("-p", "no:cacheprovider", "-rA")
+
+    return run
+
+
+def test_a_prerequisite_skip_fails_by_default(inner):
+    result = inner(None)
+    # the body's skip fails the test; the skipif (setup phase) is reported as an error
+    result.assert_outcomes(failed=1, errors=1, skipped=1, xfailed=1)
+    result.stdout.fnmatch_lines(["*a browser and server test skipped: chromium is not installed*",
+                                 "*HARNESS_ALLOW_SKIP=browser*"])
+    result.stdout.fnmatch_lines(["*a server test skipped: initdb not found*"])
+
+
+def test_naming_a_mark_allows_its_skips_only(inner):
+    inner("browser").assert_outcomes(errors=1, skipped=2, xfailed=1)
+    inner(" server ").assert_outcomes(skipped=3, xfailed=1)  # the browser test is a server test too
+
+
+def test_all_allows_every_prerequisite_skip(inner):
+    inner("all").assert_outcomes(skipped=3, xfailed=1)
