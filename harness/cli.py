@@ -11,9 +11,10 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from harness.errors import HarnessError
+from harness.interrupts import Terminated, install_signal_handlers, interrupt_exit_code, interrupt_name
 
 COMMAND_MODULES = (
     "harness.commands.listing",
@@ -28,7 +29,12 @@ COMMAND_MODULES = (
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse prints usage plus the error; we print one line that names the command's --help instead."""
+    """argparse prints usage plus the error; we print one line that names the command's --help instead. No
+    abbreviated options: `--seed` must not silently mean `--seeds` (one spelling per flag)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"harness: error: {message} (see '{self.prog} --help')\n")
@@ -55,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DO_NOT_TRACK", "true")
+    install_signal_handlers()  # SIGTERM unwinds like Ctrl-C: the run is marked KILLED and stays resumable
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
@@ -69,10 +76,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"harness: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("harness: interrupted; finished epochs are checkpointed, rerun with --resume to continue",
-              file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Terminated) as interrupt:
+        print(f"harness: {interrupt_name(interrupt)}; finished epochs are checkpointed, rerun with --resume to "
+              "continue", file=sys.stderr)
+        return interrupt_exit_code(interrupt)
 
 
 if __name__ == "__main__":

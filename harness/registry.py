@@ -10,13 +10,19 @@ from __future__ import annotations
 import logging
 import types
 from collections.abc import Callable, Iterator
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 from harness.errors import HarnessError
 from harness.plugins import load_env_plugins
 
 log = logging.getLogger(__name__)
+
+
+def _plugin_last(point: EntryPoint) -> bool:
+    """The harness's own entry points load first, so a plugin that reuses a built-in name is the one refused; loaded
+    the other way round, it would take the name and the built-in module's own registration would then fail."""
+    return point.module.partition(".")[0] != "harness"
 
 
 class Registry:
@@ -44,7 +50,7 @@ class Registry:
         load_env_plugins()
         if self.group is None:
             return
-        for point in entry_points(group=self.group):
+        for point in sorted(entry_points(group=self.group), key=_plugin_last):
             try:
                 obj = point.load()
             except Exception as error:  # one broken plugin must not take the others down

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from harness import __version__
-from harness.checkpoint import load_json, save_json
+from harness.checkpoint import load_checkpoint, load_json, save_json
 from harness.config import RunConfig, flatten, plan_epochs, stage_overrides
 from harness.data import LTData, Split
 from harness.errors import HarnessError
@@ -126,6 +126,16 @@ class TrackingHook(Hook):
     def flush(self) -> None:
         self.run.tracker.log_metric_rows(self.run.run_id, self.rows)
         self.rows = []
+
+    def flush_checkpointed(self, trainer: Trainer) -> None:
+        """After a crash or an interrupt: log the epochs the checkpoint on disk covers (it may have been renamed into
+        place just before the crash, before `after_checkpoint` flushed them) and drop the later ones, which a resume
+        trains and logs again (logging them now too would put their steps in the history twice)."""
+        if self.rows:
+            saved = load_checkpoint(trainer.checkpoint_path) if trainer.checkpoint_path else None
+            done = 0 if saved is None else trainer.stages[saved["stage"]].first_global_epoch + saved["epoch"]
+            self.rows = [(epoch, metrics) for epoch, metrics in self.rows if epoch < done]
+        self.flush()
 
 
 class Run:
@@ -241,7 +251,7 @@ class Run:
                                  stopped=trainer.stop_reason)
             metrics = self.evaluate(full=True)
         except BaseException as error:
-            tracking.flush()  # what the run did before it stopped stays visible
+            tracking.flush_checkpointed(trainer)
             self.tracker.end(self.run_id, "FAILED" if isinstance(error, Exception) else "KILLED")
             raise
         wall = time.perf_counter() - started

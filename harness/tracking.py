@@ -160,6 +160,41 @@ def _already_exists(error: Exception) -> bool:
     return getattr(error, "error_code", "") == "RESOURCE_ALREADY_EXISTS"
 
 
+# How each kind of logging record becomes MLflow calls: live (Tracker._deliver) and on replay alike.
+
+def _send_metrics(client: MlflowClient, entities: ModuleType, run_id: str, record: Record) -> None:
+    metrics = [entities.Metric(k, v, t, s) for k, v, t, s in record["items"]]
+    for start in range(0, len(metrics), 500):
+        client.log_batch(run_id, metrics=metrics[start:start + 500], synchronous=True)
+
+
+def _send_params(client: MlflowClient, entities: ModuleType, run_id: str, record: Record) -> None:
+    existing = client.get_run(run_id).data.params  # immutable; a resumed run or a replay re-sends them
+    params = [entities.Param(k, v) for k, v in record["items"].items() if k not in existing]
+    for start in range(0, len(params), 100):
+        client.log_batch(run_id, params=params[start:start + 100], synchronous=True)
+
+
+def _send_tags(client: MlflowClient, entities: ModuleType, run_id: str, record: Record) -> None:
+    client.log_batch(run_id, tags=[entities.RunTag(k, v) for k, v in record["items"].items()], synchronous=True)
+
+
+def _send_text(client: MlflowClient, entities: ModuleType, run_id: str, record: Record) -> None:
+    client.log_text(run_id, record["text"], record["name"])
+
+
+def _send_file(client: MlflowClient, entities: ModuleType, run_id: str, record: Record) -> None:
+    client.log_artifact(run_id, record["path"], record["artifact_dir"])
+
+
+def _send_end(client: MlflowClient, entities: ModuleType, run_id: str, record: Record) -> None:
+    client.set_terminated(run_id, status=record["status"], end_time=record["end_time"])
+
+
+SENDERS = {"metrics": _send_metrics, "params": _send_params, "tags": _send_tags, "text": _send_text,
+           "file": _send_file, "end": _send_end}
+
+
 class Tracker:
     """Thin wrapper over MlflowClient with the harness's conventions.
 
@@ -239,8 +274,13 @@ class Tracker:
         return run.info.run_id
 
     def reopen(self, run_id: str) -> None:
+        """Mark a resumed run RUNNING. A spool left by its earlier process is taken over, so what it kept (its
+        FAILED or KILLED end included) reaches the server before, not after, what the resumed run logs."""
         with self._reaching(f"reopening run {run_id}"):
             self.client.update_run(run_id, status="RUNNING")
+        left = spool_dir() / f"{run_id}.jsonl" if self.remote else None
+        if left is not None and left.is_file():
+            self._spools[run_id] = Spool(left)
 
     # Logging calls: each is a record, sent now or spooled (see `_deliver`); `_send` turns a record into calls.
 
@@ -296,29 +336,9 @@ class Tracker:
         spool.append(record)
 
     def _send(self, run_id: str, record: Record) -> None:
-        op = record["op"]
-        client = self.client
-        entities = _mlflow().entities
-        if op == "metrics":
-            metrics = [entities.Metric(k, v, t, s) for k, v, t, s in record["items"]]
-            for start in range(0, len(metrics), 500):
-                client.log_batch(run_id, metrics=metrics[start:start + 500], synchronous=True)
-        elif op == "params":
-            existing = client.get_run(run_id).data.params  # immutable; a resumed run or a replay re-sends them
-            params = [entities.Param(k, v) for k, v in record["items"].items() if k not in existing]
-            for start in range(0, len(params), 100):
-                client.log_batch(run_id, params=params[start:start + 100], synchronous=True)
-        elif op == "tags":
-            tags = [entities.RunTag(k, v) for k, v in record["items"].items()]
-            client.log_batch(run_id, tags=tags, synchronous=True)
-        elif op == "text":
-            client.log_text(run_id, record["text"], record["name"])
-        elif op == "file":
-            client.log_artifact(run_id, record["path"], record["artifact_dir"])
-        elif op == "end":
-            client.set_terminated(run_id, status=record["status"], end_time=record["end_time"])
-        else:
-            raise ValueError(f"unknown tracking record '{op}'")
+        if record["op"] not in SENDERS:
+            raise ValueError(f"unknown tracking record '{record['op']}'")
+        SENDERS[record["op"]](self.client, _mlflow().entities, run_id, record)
 
     def finish_run(self, run_id: str) -> None:
         """Call after a run's last logging call. If the server went away during the run, replay its spool now;
@@ -336,37 +356,37 @@ class Tracker:
         except (OSError, ValueError) as error:
             raise HarnessError(f"cannot read spool file {path}: {error}") from None
         run_id = header["run_id"]
-        self._check_run_exists(run_id, path, header.get("tracking_uri", "?"))
+        self._check_run_exists(run_id, path, header.get("tracking_uri", "?"), len(records))
         for index, record in enumerate(records):
             try:
                 self._send(run_id, record)
             except Exception as error:
                 spool.rewrite(header, records[index:])
                 if _is_unreachable(error):
-                    raise self._still_away(run_id, path, f"{len(records) - index} logging call(s)") from None
+                    raise self._still_away(run_id, path, len(records) - index) from None
                 cause = (str(error).splitlines() or [""])[0]
                 raise HarnessError(f"{self.uri} refused the spooled '{record['op']}' call of run {run_id} "
                                    f"({type(error).__name__}: {cause}); it and later calls stay in {path}") from None
         spool.remove()
         return len(records)
 
-    def _check_run_exists(self, run_id: str, path: Path, started_on: str) -> None:
+    def _check_run_exists(self, run_id: str, path: Path, started_on: str, count: int) -> None:
         try:
             self.client.get_run(run_id)
         except HarnessError:
             raise
         except Exception as error:
             if _is_unreachable(error):
-                raise self._still_away(run_id, path, "every logging call") from None
+                raise self._still_away(run_id, path, count) from None
             if getattr(error, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
                 raise
             raise HarnessError(f"run {run_id} of {path} is not in {self.uri}; replay it into the store it was "
                                f"started on ({started_on}): `harness tracking replay {path} --tracking-uri URI`"
                                ) from None
 
-    def _still_away(self, run_id: str, path: Path, what: str) -> HarnessError:
-        return HarnessError(f"MLflow tracking server {self.uri} is not answering, so {what} of run {run_id} "
-                            f"stays in {path}; when it is back, run `harness tracking replay {path}`")
+    def _still_away(self, run_id: str, path: Path, count: int) -> HarnessError:
+        return HarnessError(f"MLflow tracking server {self.uri} is not answering, so {count} logging call(s) of run "
+                            f"{run_id} stay in {path}; when it is back, run `harness tracking replay {path}`")
 
     def load_arrays(self, run_id: str, name: str) -> dict[str, np.ndarray]:
         with tempfile.TemporaryDirectory() as tmp, np.load(self._download(run_id, name, tmp)) as data:

@@ -1,5 +1,5 @@
-"""Session-wide test settings: no telemetry, a private runs folder, two CPU threads, and skips that cannot hide a
-missing prerequisite.
+"""Session-wide test settings: no telemetry, a private runs folder, two CPU threads, a longer timeout for slow
+tests, and skips that cannot hide a missing prerequisite.
 
 A test marked `server` or `browser` that skips (PostgreSQL, Chromium or the `mlflow server` missing) FAILS instead,
 because `bash scripts/setup.sh` installs all of them and a green run must mean they were exercised. To run without
@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-pytest_plugins = ["pytester"]  # tests/test_skip_policy.py runs the skip policy below in an inner session
+pytest_plugins = ["pytester"]  # tests/test_suite_policy.py runs the hooks below in an inner session
 
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ["DO_NOT_TRACK"] = "true"
@@ -38,6 +38,16 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+SLOW_TIMEOUT_S = 1200  # the ini's `timeout` (300 s) is for the rest
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow tests get SLOW_TIMEOUT_S unless they carry their own @pytest.mark.timeout."""
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
 
 
 REQUIRED_MARKS = frozenset({"server", "browser"})  # every prerequisite of these is installed by scripts/setup.sh

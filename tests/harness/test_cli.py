@@ -71,6 +71,7 @@ def test_describe_shike_and_plain(capsys):
     assert facts["parameters_inference"] == 472_756 and abs(facts["forward_flops_per_image"] / 1e6 - 138.3) < 0.5
 
 
+@pytest.mark.slow
 def test_run_method_end_to_end_on_real_data(capsys, harness_home):
     from harness.tracking import Tracker
 
@@ -95,6 +96,7 @@ def _cli(home: Path, *args: str) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     args = ["run", "method", "--method", "plain", "--dataset", "fmnistlt", "--if", "100", "--epochs", "4+1",
             "--set", "data.n_max=100", "--set", "data.test_per_class=20", "--set", "train.eval_interval=0",

@@ -13,7 +13,7 @@ import pytest
 
 from harness.tracking import Tracker
 
-PROCESSES = 4
+PROCESSES = 3
 STEPS = 5
 TINY = ["--dataset", "fmnistlt", "--if", "100", "--epochs", "1+1", "--set", "data.test_per_class=20",
         "--set", "train.eval_interval=0", "--set", "data.n_max=100", "--set", "data.augment=basic"]
@@ -39,6 +39,7 @@ def _runs_of(uri: str, experiment: str):
     return names, tracker.search([experiment])
 
 
+@pytest.mark.slow  # three fresh interpreters each import mlflow: ~15 s of CPU in all
 def test_processes_racing_on_a_new_store_lose_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("HARNESS_HOME", str(tmp_path / "runs"))
     uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
@@ -57,6 +58,24 @@ def test_processes_racing_on_a_new_store_lose_nothing(tmp_path, monkeypatch):
     client = Tracker(uri).client
     for run_id in runs["run_id"]:
         assert [m.step for m in client.get_metric_history(run_id, "loss")] == list(range(STEPS))
+
+
+def test_creating_an_experiment_another_process_just_created_is_not_an_error(harness_home):
+    """The window between "not found" and "create": another process creates the experiment in between."""
+    tracker, other = Tracker(), Tracker()
+    real_lookup = tracker.client.get_experiment_by_name
+    lookups = []
+
+    def stale_then_real(name: str):
+        lookups.append(name)
+        if len(lookups) == 1:
+            other.experiment_id(name)  # the other process wins the race...
+            return None  # ...after this one looked
+        return real_lookup(name)
+
+    tracker.client.get_experiment_by_name = stale_then_real
+    assert tracker.experiment_id("race") == other.experiment_id("race")
+    assert lookups == ["race", "race"]  # looked again instead of failing on "already exists"
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import json
 import os
 import pickle
 import re
@@ -147,12 +148,51 @@ def _wait_for_first_epoch(url: str, experiment: str, process: subprocess.Popen, 
     raise AssertionError(f"no epoch logged (exit {process.poll()}): {process.stderr.read() if process.stderr else ''}")
 
 
+def _offline():
+    """A client method that fails as MLflow does when the server is gone (a requests ConnectionError inside)."""
+    import requests
+
+    def fail(*args, **kwargs):
+        raise requests.exceptions.ConnectionError("Connection refused")
+
+    return fail
+
+
+def test_spool_keeps_every_call_in_order_and_a_cut_replay_sends_none_twice(harness_home, caplog):
+    """Tracker-level (b) in seconds: a SQLite store stands in for the server, and a client method that raises
+    a connection error stands in for the server going away."""
+    tracker = Tracker()
+    tracker.remote = True  # spool on connection errors, as for an http:// URI
+    run_id = tracker.start("spooled", "run")
+    client = tracker.client
+    send_batch = client.log_batch
+    client.log_batch = _offline()
+    tracker.log_metric_rows(run_id, [(step, {"loss": float(step)}) for step in range(3)])
+    client.log_batch = send_batch  # back already: the run's later calls still go to the spool, in order
+    tracker.log_text(run_id, "a,b\n", "table.csv")
+    tracker.end(run_id)
+    spool = harness_home / "spool" / f"{run_id}.jsonl"
+    assert [r["op"] for r in map(json.loads, spool.read_text().splitlines()[1:])] == ["metrics", "text", "end"]
+    assert len([r for r in caplog.records if str(spool) in r.getMessage()]) == 1  # warned once
+    assert client.get_run(run_id).info.status == "RUNNING" and not client.get_metric_history(run_id, "loss")
+
+    send_text, client.log_text = client.log_text, _offline()
+    with pytest.raises(HarnessError, match=re.escape(f"2 logging call(s) of run {run_id} stay in {spool}; when it "
+                                                     f"is back, run `harness tracking replay {spool}`")):
+        tracker.finish_run(run_id)  # the metrics go, then the server is away again
+    assert [r["op"] for r in map(json.loads, spool.read_text().splitlines()[1:])] == ["text", "end"]
+    client.log_text = send_text
+    assert Tracker().replay(spool) == 2 and not spool.exists()
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [0, 1, 2]  # each step once
+    assert client.get_run(run_id).info.status == "FINISHED" and tracker.load_text(run_id, "table.csv") == "a,b\n"
+
+
 @pytest.mark.server
 @pytest.mark.slow
 def test_server_lost_mid_run_spools_every_step_and_replay_delivers_each_once(tmp_path):
     home, store = tmp_path / "runs", tmp_path / "server"
     store.mkdir()
-    epochs, total = "16+2", 18
+    epochs, total = "4+1", 5
     env = {**os.environ, "HARNESS_HOME": str(home), "OMP_NUM_THREADS": "1"}
     with mlflow_server(store) as server:
         run = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", "method", "--method", "ce", *TINY,
@@ -203,7 +243,7 @@ def test_truncated_cifar_pickle_names_the_file_and_how_to_fetch_it(tmp_path):
     (lambda p: p.write_bytes(b"\x80\x04not an idx file"), "no uint8 IDX header"),
     (lambda p: p.write_bytes(p.read_bytes()[:-1]), "truncated"),
     (lambda p: p.write_bytes(p.read_bytes() + b"\0"), "too long"),
-])
+], ids=["no-header", "truncated", "too-long"])
 def test_damaged_fmnist_idx_in_process(tmp_path, damage, problem):
     root = write_fake_fmnist(tmp_path / "fmnist", per_class_train=60, per_class_test=5)
     damage(root / IDX_FILES[1])
@@ -217,7 +257,7 @@ def test_damaged_fmnist_idx_in_process(tmp_path, damage, problem):
     (pickle.dumps({"data": np.zeros((3, 3072), np.uint8), "labels": [0, 1]}), "9216 pixel bytes for 2 labels"),
     (pickle.dumps({"labels": [0]}), "no data entry"),
     (pickle.dumps([1, 2]), "holds a list, not a dict"),
-])
+], ids=["not-a-pickle", "sizes-disagree", "no-data", "not-a-dict"])
 def test_damaged_cifar_pickle_in_process(tmp_path, content, problem):
     root = write_fake_cifar(tmp_path / "cifar", num_classes=10, per_class_train=60, per_class_test=5)
     (root / "cifar-10-batches-py" / "test_batch").write_bytes(content)

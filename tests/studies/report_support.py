@@ -62,7 +62,8 @@ def log_study(tracker: Tracker, experiment: str = EXPERIMENT,
             experts = 3 if key == "shike" else 1
             tracker.log_params(run, {"method": key, "data.dataset": "fmnistlt", "data.imbalance_factor": 100.0,
                                      "data.profile": "first-n", "data.test_per_class": 20, "train.seed": seed,
-                                     "train.epochs": 1, "train.crt_epochs": 1, "preset": "shike-code",
+                                     "train.epochs": 0, "train.stage_epochs": "1+1", "plan.epochs": "1+1",
+                                     "preset": "shike-code",
                                      **({"method.experts": 3, "method.dkf": True} if key == "shike" else {})})
             tracker.log_metrics(run, {"test/top1": value}, step=2)
             tracker.log_arrays(run, details(10, experts, seed), "eval_details.npz")

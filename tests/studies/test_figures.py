@@ -13,7 +13,7 @@ from report_support import EXPERIMENT, tiny_study_home
 from harness.cli import main
 from harness.tracking import Tracker
 from harness.studies import figures
-from harness.studies.report_cli import expert_names
+from harness.studies.figure_runs import expert_names
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 COUNTS = (500, 150, 60, 30, 10, 5)  # many: 0, 1; medium: 2, 3; few: 4, 5
@@ -81,6 +81,7 @@ def study_home(tmp_path_factory):
     return tiny_study_home(tmp_path_factory)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("figure, method", [("fig1", "branches"), ("fig3", "shike"), ("fig4", "shike")])
 def test_report_figure_end_to_end(figure, method, study_home, monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("HARNESS_HOME", str(study_home))
@@ -97,6 +98,7 @@ def test_report_figure_end_to_end(figure, method, study_home, monkeypatch, capsy
         assert f"figures/{path.name}" in tracker.artifact_names(parent, "figures")
 
 
+@pytest.mark.slow
 def test_fig1_plots_every_branch_of_the_branches_run(study_home, monkeypatch):
     monkeypatch.setenv("HARNESS_HOME", str(study_home))
     tracker = Tracker()
@@ -108,6 +110,7 @@ def test_fig1_plots_every_branch_of_the_branches_run(study_home, monkeypatch):
     assert math.isclose(deep, float(branch["metrics.test/balanced_acc"]), abs_tol=1e-3)  # logits = deep branch
 
 
+@pytest.mark.slow
 def test_fig3_refuses_a_run_that_is_not_shike(study_home, monkeypatch, capsys):
     monkeypatch.setenv("HARNESS_HOME", str(study_home))
     runs = Tracker().search([EXPERIMENT])

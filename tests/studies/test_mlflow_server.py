@@ -12,7 +12,7 @@ from report_support import EXPERIMENT, log_study, mlflow_server
 from harness.cli import main
 from harness.tracking import Tracker
 
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -110,6 +110,26 @@ def test_a_single_other_dataset_stands_in_and_the_protocol_says_so():
         assert fragment in report.protocol
 
 
+def test_protocol_reads_the_planned_epochs_and_falls_back_for_old_runs():
+    new = {**run("plain", 0, 50.0), "params.plan.epochs": "180+20"}
+    for key in ("params.train.epochs", "params.train.crt_epochs"):
+        new.pop(key)
+    assert "epochs 180+20;" in build_report(pd.DataFrame([new]), TABLE4).protocol
+    assert "epochs 180+20 / 2+1;" in build_report(pd.DataFrame([new, run("plain", 1, 52.0)]), TABLE4).protocol
+
+
+def test_a_difference_measured_on_other_data_is_flagged_and_matching_data_is_not():
+    stand_in = build_report(pd.DataFrame([run("plain", 0, 50.0)]), TABLE4)
+    assert "Acc: measured on fmnistlt IF 100, the paper on cifar100lt IF 100; Δ is a cross-setting comparison" \
+        in " ".join(stand_in.notes)
+    same = build_report(pd.DataFrame([run("plain", 0, 50.0, dataset="cifar100lt")]), TABLE4)
+    assert not any("cross-setting" in note for note in same.notes)
+    at_50 = build_report(pd.DataFrame([run("shike", 0, 60.0, table="table1", dataset="cifar100lt", imb=50)]), TABLE1)
+    assert not any("cross-setting" in note for note in at_50.notes)  # IF 50 runs fill the IF 50 column only
+    other_if = build_report(pd.DataFrame([run("plain", 0, 50.0, dataset="cifar100lt", imb=50)]), TABLE4)
+    assert any("measured on cifar100lt IF 50, the paper on cifar100lt IF 100" in n for n in other_if.notes)
+
+
 def test_runs_on_several_other_datasets_are_not_pooled():
     frame = pd.DataFrame([run("plain", 0, 50.0, dataset="fmnistlt"), run("plain", 0, 30.0, dataset="cifar10lt")])
     report = build_report(frame, TABLE4)
@@ -174,6 +194,7 @@ def study_home(tmp_path_factory):
     return tiny_study_home(tmp_path_factory)
 
 
+@pytest.mark.slow
 def test_report_table4_csv_end_to_end(study_home, monkeypatch, capsys):
     monkeypatch.setenv("HARNESS_HOME", str(study_home))
     assert main(["report", "table4", "--format", "csv"]) == 0
@@ -194,6 +215,7 @@ def test_report_table4_csv_end_to_end(study_home, monkeypatch, capsys):
     assert {p.split("/")[-1].split("-")[0] for p in figures} == {"fig3", "fig4"}
 
 
+@pytest.mark.slow
 def test_report_rich_default_and_bad_experiment(study_home, monkeypatch, capsys):
     monkeypatch.setenv("HARNESS_HOME", str(study_home))
     assert main(["report", "table4", "--no-figures", "--no-log"]) == 0
@@ -205,10 +227,16 @@ def test_report_rich_default_and_bad_experiment(study_home, monkeypatch, capsys)
     assert "no experiment 'nope'" in capsys.readouterr().err
 
 
-def test_report_help_lists_every_table_and_figure(capsys):
+def test_report_help_names_the_targets_without_reading_the_registry(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["report", "-h"])
     assert exit_.value.code == 0
-    out = capsys.readouterr().out
-    assert all(name in out for name in ("table1", "table2", "table3", "table4", "table5", "fig1", "fig3", "fig4"))
-    assert "top-1 (%) on CIFAR-100-LT" in out
+    out = " ".join(capsys.readouterr().out.split())
+    assert all(name in out for name in ("table1..table5", "harness list tables", "fig1", "fig3", "fig4", "study NAME"))
+
+
+def test_every_figure_the_command_offers_has_a_maker():
+    from harness.commands.report import FIGURES
+    from harness.studies.figure_runs import FIGURE_MAKERS
+
+    assert set(FIGURES) == set(FIGURE_MAKERS)

@@ -200,6 +200,7 @@ def test_running_trials_of_a_dead_worker_are_failed(harness_home, fake_run):
     assert states(study) == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
 
 
+@pytest.mark.slow
 def test_cli_tune_then_report_study(harness_home, fake_run, tmp_path, capsys):
     assert main(["tune", *CLI, "--trials", "3", "--study", "cli"]) == 0
     out = capsys.readouterr().out
@@ -217,6 +218,7 @@ def test_cli_tune_then_report_study(harness_home, fake_run, tmp_path, capsys):
     assert main(["tune", *CLI, "--set", "method.alpha=0.5"]) == 2  # a searched switch cannot also be --set
 
 
+@pytest.mark.slow
 def test_real_trial_sees_validation_only_and_refit_sees_test_once(harness_home, monkeypatch, capsys):
     built, predicted = [], []
     real_build, real_predict = harness.runner.build_data, harness.evaluate.Evaluator.predict

@@ -23,7 +23,7 @@ import pytest
 from harness.tracking import Tracker
 from harness.studies.tune import PARENT_ATTR, open_existing
 
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.timeout(1800)]  # two tune runs, then a third
 
 CLI = ["--dataset", "fmnistlt", "--if", "10", "--epochs", "1+1", "--val-per-class", "5", "--device", "cpu",
        "--startup-trials", "2", "--set", "data.n_max=50", "--set", "data.test_per_class=5",

@@ -15,7 +15,7 @@ from report_support import EXPERIMENT, log_study, mlflow_server
 from harness.tracking import Tracker
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = [pytest.mark.browser, pytest.mark.server,
+pytestmark = [pytest.mark.browser, pytest.mark.server, pytest.mark.slow,
               pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed "
                                                           "(apt-get install -y chromium)")]
 

@@ -1,5 +1,6 @@
-"""The skip policy of tests/conftest.py, run in an inner pytest session: a `server` or `browser` test that skips
-fails unless HARNESS_ALLOW_SKIP names one of its marks; other skips and xfails are left alone."""
+"""The hooks of tests/conftest.py, run in an inner pytest session: a `server` or `browser` test that skips fails
+unless HARNESS_ALLOW_SKIP names one of its marks (other skips and xfails are left alone), and slow tests get a
+longer timeout than the ini's."""
 
 from __future__ import annotations
 
@@ -63,3 +64,28 @@ def test_naming_a_mark_allows_its_skips_only(inner):
 
 def test_all_allows_every_prerequisite_skip(inner):
     inner("all").assert_outcomes(skipped=3, xfailed=1)
+
+
+def test_slow_tests_outlive_the_ini_timeout(pytester: pytest.Pytester):
+    pytester.makeconftest(Path(__file__).with_name("conftest.py").read_text())
+    pytester.makeini("[pytest]\ntimeout = 1\nmarkers =\n    slow: x\n")
+    pytester.makepyfile(test_inner='''
+import time
+import pytest
+
+@pytest.mark.slow
+def test_slow():
+    time.sleep(1.5)
+
+def test_unmarked():
+    time.sleep(1.5)
+
+@pytest.mark.slow
+@pytest.mark.timeout(1)
+def test_slow_with_its_own_timeout():
+    time.sleep(1.5)
+''')
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, failed=2)
+    result.stdout.fnmatch_lines(["*FAILED test_inner.py::test_unmarked*",
+                                 "*FAILED test_inner.py::test_slow_with_its_own_timeout*"])
