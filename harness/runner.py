@@ -107,15 +107,30 @@ class EvaluationHook(Hook):
 
 
 class TrackingHook(Hook):
-    """Buffers each epoch's metrics and sends them to MLflow in one batch when a checkpoint is written, so the logged
-    history and the checkpoint always agree (a resumed run logs each step exactly once)."""
+    """Sends each epoch's metrics to MLflow in one batch when a checkpoint is written, so the logged history and the
+    checkpoint agree: a resumed run logs each step exactly once.
+
+    Write-ahead: every epoch's rows, with the timestamps they will be logged with, are journaled to `pending.json`
+    before the trainer can write that epoch's checkpoint. A process killed after the checkpoint is renamed into place
+    but before its rows reach MLflow loses nothing: the resume re-sends the journaled rows the checkpoint covers
+    (an exact duplicate of a row that did arrive is ignored by the store) and drops the ones it does not cover,
+    which it trains and logs again."""
 
     def __init__(self, run: Run, started: float) -> None:
         self.run, self.started = run, started
-        self.rows: list[tuple[int, dict[str, float]]] = []
+        self.journal = run.folder / "pending.json"
+        self.rows: list[tuple[int, dict[str, float], int]] = []
+
+    def before_train(self, trainer: Trainer) -> None:
+        stage, epoch = trainer.start
+        done = trainer.stages[stage].first_global_epoch + epoch if stage < len(trainer.stages) else trainer.total_epochs
+        journaled = (load_json(self.journal) or {}).get("rows", [])
+        self.rows = [(int(e), m, int(t)) for e, m, t in journaled if int(e) < done]
+        self.flush()
 
     def after_epoch(self, trainer: Trainer, epoch: int, metrics: dict[str, Any]) -> None:
-        self.rows.append((epoch, dict(metrics)))
+        self.rows.append((epoch, dict(metrics), int(time.time() * 1000)))
+        save_json(self.journal, {"rows": self.rows})
 
     def after_checkpoint(self, trainer: Trainer) -> None:
         self.flush()
@@ -126,6 +141,7 @@ class TrackingHook(Hook):
     def flush(self) -> None:
         self.run.tracker.log_metric_rows(self.run.run_id, self.rows)
         self.rows = []
+        save_json(self.journal, {"rows": []})
 
     def flush_checkpointed(self, trainer: Trainer) -> None:
         """After a crash or an interrupt: log the epochs the checkpoint on disk covers (it may have been renamed into
@@ -134,7 +150,7 @@ class TrackingHook(Hook):
         if self.rows:
             saved = load_checkpoint(trainer.checkpoint_path) if trainer.checkpoint_path else None
             done = 0 if saved is None else trainer.stages[saved["stage"]].first_global_epoch + saved["epoch"]
-            self.rows = [(epoch, metrics) for epoch, metrics in self.rows if epoch < done]
+            self.rows = [row for row in self.rows if row[0] < done]
         self.flush()
 
 
@@ -247,6 +263,7 @@ class Run:
             if trainer.stop_reason:
                 tracking.flush()
                 self.tracker.end(self.run_id, "KILLED")
+                self.tracker.finish_run(self.run_id)
                 return RunResult(self.name, self.run_id, {}, time.perf_counter() - started,
                                  stopped=trainer.stop_reason)
             metrics = self.evaluate(full=True)
@@ -260,6 +277,7 @@ class Run:
         save_json(self.folder / "state.json", {"run_id": self.run_id, "finished": True, "metrics": metrics,
                                                "wall_time_s": wall})
         (self.folder / "checkpoint.pt").unlink(missing_ok=True)
+        tracking.journal.unlink(missing_ok=True)
         self.tracker.finish_run(self.run_id)  # replays what a tracking server that went away missed, or says how
         return RunResult(self.name, self.run_id, metrics, wall, details=self.details)
 

@@ -23,7 +23,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, TextIO
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 PARENT_TAG = "mlflow.parentRunId"
 MAX_PARAM_LENGTH = 6000
 PROBE_TIMEOUT_S = 5.0
+PROBE_FAILURES = (404, 502, 503, 504)  # HTTP answers from /health that mean "no MLflow server here"
 STORE_READY = "ready\n"  # written into <db>.lock once a new SQLite store has been built
 # Set (unless the user set them) when this process first creates a client. MLflow's defaults retry a dead server
 # for minutes (7 retries, backoff 2 s, 120 s timeout); 2 quick retries let a run learn it in seconds and spool.
@@ -107,18 +108,23 @@ def spool_dir() -> Path:
 
 
 def probe_server(uri: str, hint: str = "omit --tracking-uri") -> None:
-    """Raise HarnessError in seconds when the HTTP tracking server at `uri` does not answer at all.
-    Any HTTP answer counts as reachable (an auth wall or proxy may not serve /health)."""
+    """Raise HarnessError in seconds when no MLflow server answers at `uri`: no connection, or its /health is
+    missing (404: not an MLflow server) or unavailable (502-504: a proxy whose server is down). Other answers, an
+    auth wall's 401 or 403 included, count as reachable."""
     try:
         urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=PROBE_TIMEOUT_S).close()
-    except urllib.error.HTTPError:
-        return
+    except urllib.error.HTTPError as error:
+        if error.code not in PROBE_FAILURES:
+            return
+        reason = f"HTTP {error.code} {error.reason} from {uri.rstrip('/')}/health"
     except (OSError, ValueError) as error:
         reason = getattr(error, "reason", None) or error
-        raise HarnessError(
-            f"MLflow tracking server {uri} is not reachable ({reason}); start it (`harness ui --port PORT` serves "
-            f"the local store, or `mlflow server --host 127.0.0.1 --port PORT`), or {hint} to log to the "
-            "local store under ./runs ($HARNESS_HOME)") from None
+    else:
+        return
+    raise HarnessError(
+        f"MLflow tracking server {uri} is not reachable ({reason}); start it (`harness ui --port PORT` serves "
+        f"the local store, or `mlflow server --host 127.0.0.1 --port PORT`), or {hint} to log to the "
+        "local store under ./runs ($HARNESS_HOME)") from None
 
 
 def _is_unreachable(error: BaseException | None) -> bool:
@@ -290,11 +296,13 @@ class Tracker:
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
         self.log_metric_rows(run_id, [(step, metrics)])
 
-    def log_metric_rows(self, run_id: str, rows: list[tuple[int, Mapping[str, float]]]) -> None:
-        """Several steps' metrics in as few requests as possible (one per 500 values)."""
+    def log_metric_rows(self, run_id: str, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Several steps' metrics in as few requests as possible (one per 500 values). A row is (step, metrics) or
+        (step, metrics, timestamp in ms): a row re-sent with its original timestamp is an exact duplicate, which the
+        MLflow store ignores, so a write-ahead journal can be replayed without logging a step twice."""
         now = int(time.time() * 1000)
-        items = [[k.replace("@", "_"), float(v), now, int(step)] for step, metrics in rows
-                 for k, v in metrics.items() if v is not None and np.isfinite(v)]
+        items = [[k.replace("@", "_"), float(v), int(row[2]) if len(row) > 2 else now, int(row[0])] for row in rows
+                 for k, v in row[1].items() if v is not None and np.isfinite(v)]
         if items:
             self._deliver(run_id, {"op": "metrics", "items": items})
 

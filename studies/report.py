@@ -34,6 +34,7 @@ from harness.studies.tables import Column, Row, TableSpec
 from harness.studies.writers import FORMATS, SUFFIX, write_table
 
 CSV_COLUMNS = ("row", "column", "mean", "std", "n", "ci95", "paper", "diff", "status", "key", "group")
+SHOT_GROUPS = ("many", "medium", "few")  # mean over the same seeds as the cell
 SELECTION = "final epoch (no checkpoint selection)"
 
 
@@ -124,8 +125,11 @@ def make_cell(row: Row, column: Column, runs: pd.DataFrame) -> dict[str, Any]:
     diff = stats["mean"] - paper if paper is not None and stats["n"] else math.nan
     status = "ok" if stats["n"] else ("not runnable" if row.method is None else "no runs")
     seeds = ",".join(str(s) for s, v in zip(_col(mine, "_seed"), values) if not math.isnan(v)) if values else ""
+    shots = {group: cell_stats(list(_as_float(_col(mine, f"metrics.test/{group}"))))["mean"] if not mine.empty
+             else math.nan for group in SHOT_GROUPS}
     return {"row": row.name, "column": column.label, **stats, "paper": math.nan if paper is None else paper,
-            "diff": diff, "status": status, "key": row.key, "group": row.group, "year": row.year, "seeds": seeds}
+            "diff": diff, "status": status, "key": row.key, "group": row.group, "year": row.year, "seeds": seeds,
+            **shots}
 
 
 def _describe(values: pd.Series, sep: str = " / ") -> str:
@@ -233,6 +237,9 @@ def display_frame(report: Report, groups: bool = True) -> pd.DataFrame:
             line[f"{column.label} (harness)"] = format_cell(c["mean"], c["std"], int(c["n"]), c["status"])
             line[f"{column.label} paper"] = _number(c["paper"])
             line[f"{column.label} Δ"] = _number(c["diff"], signed=True)
+        if len(table.columns) == 1 and table.columns[0].metric == "test/top1":
+            # harness-only context for one-column tables (Table 4, 5): where the accuracy comes from, head to tail
+            line.update({group: _number(c[group]) for group in SHOT_GROUPS})
         lines.append(line)
     return pd.DataFrame(lines).fillna("")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import http.server
 import json
 import os
 import pickle
@@ -14,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -88,6 +90,39 @@ def test_server_down_from_the_environment_names_the_variable(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     with pytest.raises(HarnessError, match="unset MLFLOW_TRACKING_URI"):
         Tracker()
+
+
+@contextlib.contextmanager
+def answering(status: int) -> Iterator[str]:
+    """A local HTTP server whose every GET gets `status`: an auth wall, a wrong URL, a proxy with no server."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(status)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("status, reachable", [(200, True), (401, True), (403, True), (404, False), (502, False),
+                                               (503, False)])
+def test_probe_tells_a_server_from_a_wrong_url_or_a_proxy_without_one(status, reachable):
+    with answering(status) as uri:
+        if reachable:
+            assert Tracker(uri).uri == uri
+        else:
+            with pytest.raises(HarnessError, match=re.escape(f"HTTP {status}")):
+                Tracker(uri)
 
 
 # (b) the server goes away during a run ---------------------------------------------------------------------------

