@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from harness.data import DatasetSpec, LTData
-from harness.datasets.augment import SMALL_IMAGE_AUGMENTATIONS
 from harness.datasets._select import PROFILES, RawData, build_lt
+from harness.datasets.augment import SMALL_IMAGE_AUGMENTATIONS
 from harness.errors import HarnessError
 
 # The official SHIKE code normalises CIFAR-100 with the CIFAR-10 statistics; we keep that for both datasets.

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from harness.data import DatasetSpec, LTData
-from harness.datasets.augment import SMALL_IMAGE_AUGMENTATIONS
 from harness.datasets._select import PROFILES, RawData, build_lt
+from harness.datasets.augment import SMALL_IMAGE_AUGMENTATIONS
 from harness.datasets.cifar_lt import DEFAULT_DATA_ROOT, check_profile
 from harness.errors import HarnessError
 

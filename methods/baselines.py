@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from harness.registry import METHODS
 from harness.method import LossTerm, LossTermModule, MethodSpec, Stage
 from harness.methods.losses import BalancedSoftmaxCE, ExpertCE, LogitAdjustedCE
 from harness.methods.models.moe import build_expert_resnet
 from harness.methods.shike import classifier_retraining
+from harness.registry import METHODS
 
 
 def _one_stage(num_classes: int, term: LossTermModule, name: str, head: str, scale: float, shortcut: str):

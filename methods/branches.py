@@ -17,13 +17,13 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from harness.registry import METHODS
 from harness.method import LossTerm, LTModel, MethodSpec, ModelOutput, Stage
 from harness.methods.losses import ExpertCE
 from harness.methods.models.heads import make_head
 from harness.methods.models.moe import STAGE_WIDTHS, ShallowAligner
 from harness.methods.models.resnet_cifar import Stem, init_weights, make_stage
 from harness.methods.shike import classifier_retraining, parse_sources
+from harness.registry import METHODS
 
 
 class BranchResNet(LTModel):

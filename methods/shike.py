@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from harness.registry import METHODS
 from harness.method import LossTerm, MethodSpec, Stage
 from harness.methods.losses import DKT, BalancedSoftmaxCE, ExpertCE, MutualKL
 from harness.methods.models.moe import build_expert_resnet
+from harness.registry import METHODS
 
 
 def parse_sources(text: str) -> tuple[int, ...] | None:

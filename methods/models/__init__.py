@@ -2,7 +2,13 @@
 parameter/FLOP profiling."""
 
 from harness.methods.models.heads import CosineHead, LinearHead, make_head
-from harness.methods.models.moe import ExpertResNet, ShallowAligner, StridedConv, build_expert_resnet, default_dkf_sources
+from harness.methods.models.moe import (
+    ExpertResNet,
+    ShallowAligner,
+    StridedConv,
+    build_expert_resnet,
+    default_dkf_sources,
+)
 from harness.methods.models.profile import forward_flops, parameter_counts, train_flops
 from harness.methods.models.resnet_cifar import BasicBlock, Stem, init_weights, make_stage
 

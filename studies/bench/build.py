@@ -13,9 +13,9 @@ import torch
 
 from harness.config import RunConfig, resolve_config, stage_overrides
 from harness.data import Augmentations, LTData, Split, long_tail_counts
-from harness.errors import HarnessError
 from harness.datasets.augment import synthetic_cifar_images
 from harness.datasets.cifar_lt import CIFAR_MEAN, CIFAR_STD
+from harness.errors import HarnessError
 from harness.feeders import make_feeder
 from harness.registry import DATASETS, METHODS
 from harness.trainer import Trainer

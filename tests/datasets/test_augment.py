@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from harness.feeders import AugmentedDataset
 from harness.datasets.augment import (
     CIFAR10_POLICY,
     MAGNITUDES,
@@ -27,6 +26,7 @@ from harness.datasets.augment import (
 )
 from harness.datasets.augment import test_transform as eval_transform
 from harness.datasets.batched_augment import BatchedAugment, apply_op, autoaugment, crop_flip, cutout_mask
+from harness.feeders import AugmentedDataset
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 

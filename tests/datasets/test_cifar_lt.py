@@ -10,8 +10,8 @@ import pytest
 import torch
 import torchvision.datasets
 
-from harness.datasets import get_dataset, long_tail_counts
 from harness.data import indices_sha256
+from harness.datasets import get_dataset, long_tail_counts
 from harness.errors import HarnessError
 
 

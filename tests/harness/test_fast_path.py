@@ -18,10 +18,10 @@ from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from harness.data import LTData, Split
-from harness.studies.bench.build import FAST, REFERENCE, Mode, build_trainer, compiled, synthetic_lt
-from harness.studies.bench.step import StepCase, random_batch
 from harness.datasets.augment import batched_pipeline, per_image_pipeline
 from harness.feeders import DeviceFeeder, ReferenceFeeder
+from harness.studies.bench.build import FAST, REFERENCE, Mode, build_trainer, compiled, synthetic_lt
+from harness.studies.bench.step import StepCase, random_batch
 from harness.trainer import Trainer, set_train_mode
 
 CPU = torch.device("cpu")

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.data import Split
 from harness.config import resolve_config, stage_overrides
-from harness.hooks import Hook
+from harness.data import Split
 from harness.datasets.augment import per_image_pipeline
 from harness.feeders import ReferenceFeeder
-from harness.trainer import NonFiniteLoss, Trainer
+from harness.hooks import Hook
 from harness.registry import METHODS
+from harness.trainer import NonFiniteLoss, Trainer
 
 COUNTS = (40, 20, 10, 5)
 

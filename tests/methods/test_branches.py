@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from harness.config import RunConfig
-from harness.trainer import enter_stage
-from harness.registry import METHODS
 from harness.methods.branches import BranchResNet, branch_names
+from harness.registry import METHODS
+from harness.trainer import enter_stage
 
 COUNTS = (50, 20, 8, 3)
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from harness.config import builder_defaults
-from harness.registry import METHODS
 from harness.method import LTModel, MethodSpec
+from harness.registry import METHODS
 
 COUNTS = (50, 20, 8, 3)
 

@@ -11,9 +11,9 @@ import pytest
 from report_support import EXPERIMENT, tiny_study_home
 
 from harness.cli import main
-from harness.tracking import Tracker
 from harness.studies import figures
 from harness.studies.figure_runs import expert_names
+from harness.tracking import Tracker
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 COUNTS = (500, 150, 60, 30, 10, 5)  # many: 0, 1; medium: 2, 3; few: 4, 5

@@ -11,9 +11,9 @@ import pytest
 from report_support import EXPERIMENT, tiny_study_home
 
 from harness.cli import main
-from harness.tracking import Tracker
 from harness.studies.report import build_report, display_frame, newest_parent, render, seed_runs
 from harness.studies.tables import TABLE1, TABLE2, TABLE3, TABLE4, TABLE5, TABLES
+from harness.tracking import Tracker
 
 
 def run(key: str, seed: int, top1: float, *, table: str = "table4", dataset: str = "fmnistlt", imb: float = 100.0,

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.tracking import Tracker
 from harness.studies.tune import PARENT_ATTR, open_existing
+from harness.tracking import Tracker
 
 pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.timeout(1800)]  # two tune runs, then a third
 
