@@ -118,6 +118,30 @@ def make_split(images: np.ndarray, labels: np.ndarray, idx: np.ndarray, to_chw: 
     )
 
 
+def split_manifest(raw: RawData, *, builder: str, dataset: str, profile: str, imbalance_factor: float, n_max: int,
+                   class_counts: tuple[int, ...], train_idx: np.ndarray, val_idx: np.ndarray | None,
+                   val_per_class: int, test_idx: np.ndarray, test_per_class: int, data_seed: int) -> dict:
+    """What a split is made of, for the manifest logged with every run (its hash names the split)."""
+    return {
+        "builder": builder,
+        "dataset": dataset,
+        "profile": profile,
+        "imbalance_factor": imbalance_factor,
+        "n_max": int(n_max),
+        "num_classes": len(class_counts),
+        "class_counts": list(class_counts),
+        "num_train": int(len(train_idx)),
+        "train_indices_sha256": indices_sha256(train_idx),
+        "val_per_class": int(val_per_class),
+        "val_indices_sha256": None if val_idx is None else indices_sha256(val_idx),
+        "test_per_class": int(test_per_class),
+        "num_test": int(len(test_idx)),
+        # data_seed only shapes the validation draw; leaving it out otherwise keeps the hash a function of the split.
+        "data_seed": int(data_seed) if val_idx is not None else None,
+        "source": raw.source,
+    }
+
+
 def build_lt(
     raw: RawData,
     *,
@@ -152,24 +176,10 @@ def build_lt(
         if test_per_class > 0
         else np.arange(len(raw.test_labels), dtype=np.int64)
     )
-    manifest = {
-        "builder": builder,
-        "dataset": dataset,
-        "profile": profile,
-        "imbalance_factor": imbalance_factor,
-        "n_max": int(n_max),
-        "num_classes": num_classes,
-        "class_counts": list(class_counts),
-        "num_train": int(len(train_idx)),
-        "train_indices_sha256": indices_sha256(train_idx),
-        "val_per_class": int(val_per_class),
-        "val_indices_sha256": None if val_idx is None else indices_sha256(val_idx),
-        "test_per_class": int(test_per_class),
-        "num_test": int(len(test_idx)),
-        # data_seed only shapes the validation draw; leaving it out otherwise keeps the hash a function of the split.
-        "data_seed": int(data_seed) if val_idx is not None else None,
-        "source": raw.source,
-    }
+    manifest = split_manifest(raw, builder=builder, dataset=dataset, profile=profile, imbalance_factor=imbalance_factor,
+                              n_max=n_max, class_counts=class_counts, train_idx=train_idx, val_idx=val_idx,
+                              val_per_class=val_per_class, test_idx=test_idx, test_per_class=test_per_class,
+                              data_seed=data_seed)
     return LTData(
         name=dataset,
         train=make_split(raw.train_images, raw.train_labels, train_idx, to_chw),

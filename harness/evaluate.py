@@ -123,8 +123,8 @@ def summarize(preds: Predictions, class_counts: tuple[int, ...] | list[int]) -> 
     }
     expert_acc = np.stack([per_class_accuracy(e.argmax(dim=1), labels, num_classes).numpy()
                            for e in preds.expert_logits])
-    for m, acc in enumerate(expert_acc):
-        metrics[f"expert{m}_top1"] = 100.0 * float(acc.mean())
+    for m, logits in enumerate(preds.expert_logits):  # a top-1 like `top1` (sample mean), not a balanced accuracy
+        metrics[f"expert{m}_top1"] = 100.0 * float((logits.argmax(dim=1) == labels).float().mean())
     details = {
         "per_class_acc": per_class,
         "expert_per_class_acc": expert_acc,

@@ -109,7 +109,7 @@ def test_truncated_idx_file_is_a_harness_error(tmp_path):
         read_idx(path)
     gz = tmp_path / "x.gz"
     gz.write_bytes(gzip.compress(b"not an idx file"))
-    with pytest.raises(HarnessError, match="not a uint8 IDX"):
+    with pytest.raises(HarnessError, match="no uint8 IDX header"):
         read_idx(gz)
 
 

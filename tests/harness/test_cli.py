@@ -132,6 +132,7 @@ TABLES.register("toy")(TableSpec(name="toy", title="Toy table from a plugin",
 """
 
 
+@pytest.mark.slow
 def test_a_plugin_table_is_reported_by_name(tmp_path):
     """`--plugin MODULE` imports a module that registers a table; `harness report TABLE` then knows it, because the
     table name is checked when the command runs, not when the parser is built."""

@@ -93,6 +93,7 @@ class FailingRun:
         raise RuntimeError("boom: the method's forward pass broke")
 
 
+@pytest.mark.slow
 def test_tune_exits_non_zero_with_the_first_reason_when_every_trial_failed(capsys, harness_home, monkeypatch):
     monkeypatch.setattr(tune_mod, "Run", FailingRun)
     code, out, err = run_cli(["tune", *FAST, "--if", "10", "--val-per-class", "5", "--trials", "2",

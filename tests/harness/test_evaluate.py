@@ -191,9 +191,6 @@ def test_expert_top1_on_a_balanced_split():
     np.testing.assert_allclose(details["expert_per_class_acc"], [[1, 1, 1, 1], [1, 0, 0, 0]])
 
 
-@pytest.mark.xfail(strict=True, reason="evaluate.py reports expert{m}_top1 as the expert's balanced accuracy "
-                   "(mean of per-class accuracy), not its top-1 (sample mean) as `top1` is; the two agree only on "
-                   "a balanced split")
 def test_expert_top1_is_a_top1_on_an_imbalanced_split():
     preds = hand_case()
     metrics, details = summarize(preds, COUNTS)

@@ -79,10 +79,12 @@ def same_batch() -> dict[str, Any]:
     return out
 
 
+@pytest.mark.slow
 def test_compiled_loss_step_has_no_graph_breaks(same_batch):
     assert same_batch["graph_breaks"] == 0
 
 
+@pytest.mark.slow
 def test_compiled_and_eager_give_the_same_losses_and_gradients(same_batch):
     eager, comp, exact = same_batch["eager"], same_batch["compiled"], same_batch["f64"]
     torch.testing.assert_close(comp["values"], eager["values"], rtol=1e-4, atol=0)
@@ -96,6 +98,7 @@ def test_compiled_and_eager_give_the_same_losses_and_gradients(same_batch):
     torch.testing.assert_close(comp["buffers"], eager["buffers"], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_channels_last_is_the_same_mathematics(same_batch):
     # In float64 the layout cannot hide behind rounding: 1e-5 is loose (measured ~3e-14).
     exact, exact_cl = same_batch["f64"], same_batch["f64_channels_last"]

@@ -77,6 +77,7 @@ def free_port() -> int:
 
 # (a) a tracking server that is down ------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_server_down_fails_in_seconds_before_any_data_or_training(tmp_path):
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     result = harness(["run", "method", "--method", "ce", *TINY, "--epochs", "1+1", "--tracking-uri", uri],
@@ -265,6 +266,7 @@ def _truncate(path: Path, keep: float = 0.5) -> None:
     path.write_bytes(path.read_bytes()[: int(path.stat().st_size * keep)])
 
 
+@pytest.mark.slow
 def test_truncated_cifar_pickle_names_the_file_and_how_to_fetch_it(tmp_path):
     root = write_fake_cifar(tmp_path / "cifar", num_classes=10, per_class_train=60, per_class_test=5)
     broken = root / "cifar-10-batches-py" / "data_batch_3"
@@ -301,6 +303,7 @@ def test_damaged_cifar_pickle_in_process(tmp_path, content, problem):
     assert problem in str(error.value)
 
 
+@pytest.mark.slow
 def test_truncated_fmnist_idx_names_the_file_and_how_to_fetch_it(tmp_path):
     root = write_fake_fmnist(tmp_path / "fmnist", per_class_train=60, per_class_test=5)
     gz = root / f"{IDX_FILES[0]}.gz"  # a cut .gz fails inside the decompressor
@@ -312,6 +315,7 @@ def test_truncated_fmnist_idx_names_the_file_and_how_to_fetch_it(tmp_path):
     assert_one_line(result, str(gz), "apt-get install --reinstall dataset-fashion-mnist", "--data-root")
 
 
+@pytest.mark.slow
 def test_unknown_profile_lists_the_known_ones(tmp_path):
     result = harness(["data", "info", "fmnistlt", "--profile", "bogus"], tmp_path / "runs")
     assert_one_line(result, "unknown data profile 'bogus'", "known profiles: first-n, ldam-seed0")
@@ -324,6 +328,7 @@ def test_unknown_profile_fails_before_reading_files(tmp_path):
 
 # (d) a runs folder that cannot be used ---------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_harness_home_that_is_a_file(tmp_path):
     home = tmp_path / "runs"
     home.write_text("not a folder")
@@ -366,6 +371,7 @@ print(os.environ['MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR'], os.environ['MLFLOW_HTT
 """
 
 
+@pytest.mark.slow
 def test_import_changes_nothing_and_the_first_client_quiets_mlflow(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_HTTP") and "PROGRESS_BAR" not in k}
     done = subprocess.run([sys.executable, "-c", IMPORT_PROBE, str(tmp_path / "mlflow.db")], env=env,

@@ -45,6 +45,7 @@ def make(method: str = "shike", epochs: int = 2, crt: int = 1, **overrides):
     return cfg, spec, feeder
 
 
+@pytest.mark.slow
 def test_two_stages_log_every_term_and_freeze_the_backbone():
     cfg, spec, feeder = make()
     logged: dict[int, dict[str, float]] = {}
@@ -70,6 +71,7 @@ def test_two_stages_log_every_term_and_freeze_the_backbone():
     assert spec.model.active_head == "retrain_head"
 
 
+@pytest.mark.slow
 def test_freeze_bn_keeps_running_statistics_in_stage_two():
     cfg, spec, feeder = make(**{"method.freeze_bn_stage2": True})
     before: dict[str, torch.Tensor] = {}
@@ -83,6 +85,7 @@ def test_freeze_bn_keeps_running_statistics_in_stage_two():
     assert before and all(torch.equal(v, after[k]) for k, v in before.items())
 
 
+@pytest.mark.slow
 def test_total_loss_is_the_weighted_sum_of_terms():
     cfg, spec, feeder = make(epochs=1, crt=0)
     logged = {}
@@ -97,6 +100,7 @@ class Killed(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_resume_from_a_checkpoint_reaches_the_same_weights(tmp_path):
     cfg, spec, feeder = make(epochs=3, crt=1)
     Trainer(spec, cfg, feeder, torch.device("cpu"), checkpoint_path=tmp_path / "a.pt").fit()
@@ -118,12 +122,14 @@ def test_resume_from_a_checkpoint_reaches_the_same_weights(tmp_path):
         assert torch.equal(value, resumed[name]), name
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_the_run():
     cfg, spec, feeder = make(epochs=3, crt=0, **{"stage.representation.peak_lr": 1e30, "method.head": "linear"})
     with pytest.raises(NonFiniteLoss, match="non-finite loss"):
         Trainer(spec, cfg, feeder, torch.device("cpu")).fit()
 
 
+@pytest.mark.slow
 def test_request_stop_ends_after_the_epoch_with_a_checkpoint(tmp_path):
     cfg, spec, feeder = make(epochs=3, crt=1)
     seen = []
@@ -141,6 +147,7 @@ def test_request_stop_ends_after_the_epoch_with_a_checkpoint(tmp_path):
     assert (state["stage"], state["epoch"]) == (0, 2)
 
 
+@pytest.mark.slow
 def test_a_third_stage_is_only_a_new_stage_in_the_builder():
     """A post-hoc step declared by a builder runs with its own epochs and LR peak; no engine change is needed."""
     from dataclasses import replace

@@ -251,6 +251,7 @@ def test_single_channel_input() -> None:
     assert out.logits.shape == (2, 10) and torch.isfinite(out.logits).all()
 
 
+@pytest.mark.slow
 def test_forward_compiles_without_graph_breaks(shike: nn.Module) -> None:
     explanation = torch._dynamo.explain(shike)(torch.randn(2, 3, 32, 32))
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1

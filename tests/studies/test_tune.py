@@ -119,6 +119,7 @@ def test_claims_add_up_to_n_and_respect_the_deadline():
     assert not Claims(3, mp.get_context("spawn")).take(deadline=0.0)
 
 
+@pytest.mark.slow
 def test_resume_adds_trials_under_one_parent_run(harness_home, fake_run):
     _, study, parent, codes = tune_mod.tune(make_plan(3))
     assert codes == [0] and states(study) == ["COMPLETE"] * 3
@@ -190,6 +191,7 @@ def test_a_different_setup_refuses_to_join_the_study(harness_home, fake_run):
         tune_mod.tune(changed)
 
 
+@pytest.mark.slow
 def test_running_trials_of_a_dead_worker_are_failed(harness_home, fake_run):
     plan, study, _, _ = tune_mod.tune(make_plan(1))
     orphan = study.ask()
