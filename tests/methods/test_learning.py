@@ -5,8 +5,6 @@ neighbour's label must make the same training fail, so the bar is shown to separ
 The task: 8 classes, each a corner of the RGB cube (red, green, blue, white, black, cyan, magenta, yellow) laid
 over a structured synthetic texture (25 %), long-tailed 16 -> 3 images per class (imbalance 5.3); the test split
 is balanced (20 per class) and drawn with another seed. No augmentation (`data.augment=none`), batch 16.
-
-Measured (seeds 0-4, this machine, busy): see BAR and CHANCE_CEILING below.
 """
 
 from __future__ import annotations
@@ -38,8 +36,11 @@ STAGE_EPOCHS = "10+3"  # representation + classifier re-training; a one-stage me
 # Head-only stages (classifier re-training) keep their peak: a fresh linear head needs it to learn in 3 epochs.
 BACKBONE_LR_SCALE = 1 / 16
 
-BAR = 70.0  # balanced accuracy (%) every method must reach; chance is 12.5
+# Measured with this exact setup, seeds 0-4, every method (30 runs each way): balanced accuracy 85.0-100 on clean
+# labels, 0.0-13.8 on shifted labels. Chance is 12.5.
+BAR = 70.0  # balanced accuracy (%) every method must reach
 CHANCE_CEILING = 30.0  # what a model trained on shifted labels must stay under
+FAST_LANE = ("plain",)  # the cheapest two-stage method: both kinds of stage, in the fast lane
 
 
 def synthetic_split(per_class: tuple[int, ...], seed: int) -> Split:
@@ -66,7 +67,8 @@ class ShiftedLabels:
             yield images, labels.roll(-1)
 
 
-def train_and_evaluate(method: str, seed: int, wrap: Callable[[ReferenceFeeder], object] = lambda feeder: feeder) -> float:
+def train_and_evaluate(method: str, seed: int,
+                       wrap: Callable[[ReferenceFeeder], object] = lambda feeder: feeder) -> float:
     """Build `method`, train it on the synthetic long-tailed split with the real Trainer and per-image feeder,
     and return its balanced test accuracy (%) from the real evaluator.
 
@@ -95,12 +97,18 @@ def test_the_task_is_long_tailed_and_the_test_split_balanced():
     assert (train.labels[1:] != train.labels[:-1]).any() and not torch.equal(train.labels, train.labels.sort()[0])
 
 
-@pytest.mark.slow  # ~10-17 s a method on 2 busy cores; the full lane (CI) runs it
-@pytest.mark.parametrize("method", METHODS.names())
+def every_method() -> list:
+    """The registry's methods; all but FAST_LANE run in the slow lane only (~10-30 s each on 2 busy cores)."""
+    return [pytest.param(name, marks=() if name in FAST_LANE else pytest.mark.slow) for name in METHODS.names()]
+
+
+@pytest.mark.parametrize("method", every_method())
 def test_every_method_learns_a_long_tailed_task(method, one_torch_thread):
     assert train_and_evaluate(method, seed=0) >= BAR
 
 
-@pytest.mark.slow
-def test_shifted_labels_stay_near_chance(one_torch_thread):
-    assert train_and_evaluate("plain", seed=0, wrap=ShiftedLabels) <= CHANCE_CEILING
+@pytest.mark.parametrize("method", every_method())
+def test_shifted_labels_stay_near_chance(method, one_torch_thread):
+    """The bar means something: the same training on labels shifted by one sample stays near chance (12.5 %).
+    Run for every method, it also catches a method that reads labels from anywhere but the feeder's batch."""
+    assert train_and_evaluate(method, seed=0, wrap=ShiftedLabels) <= CHANCE_CEILING
