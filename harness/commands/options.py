@@ -95,3 +95,14 @@ def check_dataset(name: str) -> None:
 
     if name not in DATASETS:
         raise HarnessError(f"unknown dataset '{name}'; known datasets: {', '.join(DATASETS.names())}")
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts (trials, workers): an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value

@@ -6,15 +6,16 @@ from __future__ import annotations
 import argparse
 import time
 
-from harness.commands.options import add_run_options, add_seeds, check_dataset, make_config, run_settings, seed_list
+from harness.commands.options import (
+    add_run_options,
+    add_seeds,
+    check_dataset,
+    make_config,
+    positive_int,
+    run_settings,
+    seed_list,
+)
 from harness.naming import experiment_name, run_name
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -30,7 +31,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     ablation.add_argument("--table", default="table4", help="table name (harness list tables; default table4)")
     add_seeds(ablation, "training seeds, one child run per row and seed")
     ablation.add_argument("--rows", default="", help="comma-separated row keys (default: all runnable rows)")
-    ablation.add_argument("--workers", type=_positive, default=1,
+    ablation.add_argument("--workers", type=positive_int, default=1,
                           help="runs executed at once in separate processes (default 1: one after another)")
     add_run_options(ablation)
     ablation.set_defaults(func=run_ablation)

@@ -9,35 +9,35 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from harness.commands.options import add_config_options, add_data_options, add_seeds, check_dataset, run_settings
+from harness.commands.options import (
+    add_config_options,
+    add_data_options,
+    add_seeds,
+    check_dataset,
+    positive_int,
+    run_settings,
+)
 from harness.errors import HarnessError
 from harness.naming import experiment_name
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("tune", help="Optuna search over a method's switches (SHIKE: alpha, beta)")
     parser.add_argument("--method", default="shike", help="method name (harness list methods)")
     add_data_options(parser)
-    parser.add_argument("--trials", type=_positive, default=8, help="trials this invocation adds (default 8)")
+    parser.add_argument("--trials", type=positive_int, default=8, help="trials this invocation adds (default 8)")
     parser.add_argument("--study", default=None, help="study name (default METHOD-DATASET-ifIF)")
     parser.add_argument("--storage", default=None, help="Optuna RDB URL (default: sqlite next to the MLflow store)")
-    parser.add_argument("--workers", type=_positive, default=1, help="worker processes sharing the storage")
+    parser.add_argument("--workers", type=positive_int, default=1, help="worker processes sharing the storage")
     parser.add_argument("--timeout", type=float, default=None, help="start no trial after S seconds")
     parser.add_argument("--space", default="", help="alpha,beta (named ranges) or name=low:high[:log],...")
-    parser.add_argument("--val-per-class", type=_positive, default=20,
+    parser.add_argument("--val-per-class", type=positive_int, default=20,
                         help="validation images per class carved from the training file (the objective)")
     parser.add_argument("--refit", action="store_true",
                         help="retrain the best switches on the full training split and evaluate the test set once")
     add_seeds(parser, "the training seed of every trial (one seed: a trial is one run)")
     parser.add_argument("--sampler-seed", type=int, default=0, help="TPE seed (each worker derives its own)")
-    parser.add_argument("--startup-trials", type=_positive, default=5,
+    parser.add_argument("--startup-trials", type=positive_int, default=5,
                         help="random trials before TPE models them, and complete trials before pruning (default 5)")
     parser.add_argument("--prune-warmup", type=int, default=None,
                         help="epochs before a trial may be pruned (default: half the first stage)")

@@ -11,22 +11,14 @@ import time
 from pathlib import Path
 
 import pytest
+from cli_support import run_cli
 
-from harness.cli import main
 from harness.registry import METHODS
 
 TINY = ["--dataset", "fmnistlt", "--if", "100", "--epochs", "1+1", "--set", "data.test_per_class=20",
         "--set", "train.eval_interval=0"]
 
 
-def run_cli(args, capsys):
-    """main() as the console script runs it: argparse errors exit through SystemExit."""
-    try:
-        code = main(args)
-    except SystemExit as exit_:
-        code = exit_.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.mark.parametrize("args, fragment", [

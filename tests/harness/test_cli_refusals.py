@@ -10,23 +10,15 @@ import os
 
 import pandas as pd
 import pytest
+from cli_support import run_cli
 
 import harness.studies.tune as tune_mod
-from harness.cli import main
 from harness.tracking import Tracker
 
 FAST = ["--dataset", "fmnistlt", "--epochs", "1+1", "--set", "data.test_per_class=10", "--set", "data.n_max=50",
         "--set", "train.eval_interval=0", "--set", "data.augment=none"]
 
 
-def run_cli(args, capsys):
-    """main() as the console script runs it: argparse errors exit through SystemExit."""
-    try:
-        code = main(args)
-    except SystemExit as exit_:
-        code = exit_.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def one_line(err: str) -> str:
