@@ -1,10 +1,16 @@
 """Progress for long work: in a terminal, one rich bar per run advanced per batch (plus an outer bar over runs);
-when stderr is not a terminal (a log file, CI), one plain line per epoch: run, stage, epoch, loss, elapsed, ETA."""
+when stderr is not a terminal (a log file, CI), one plain line per epoch: run, stage, epoch, loss, elapsed, ETA.
+Runs in worker processes draw on the parent's bars through a `RelayProgress` (calls sent over a queue and replayed
+by the parent), or print their own lines (stderr is shared)."""
 
 from __future__ import annotations
 
+import os
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
@@ -93,5 +99,52 @@ class NullProgress:
         return None
 
 
-def progress_hook(progress: Progress | NullProgress, label: str, feeder: Any) -> ProgressHook:
-    return ProgressHook(progress if isinstance(progress, Progress) else None, label, len(feeder))
+class RelayProgress:
+    """A worker process's handle on the parent's bars: each call goes over `queue` and `relay` replays it there.
+    Task ids are made here (pid:n), so `add_task` returns at once."""
+
+    def __init__(self, queue: Any) -> None:
+        self.queue, self.count = queue, 0
+
+    def add_task(self, description: str, **fields: Any) -> str:
+        self.count += 1
+        key = f"{os.getpid()}:{self.count}"
+        self.queue.put(("add_task", key, (description,), fields))
+        return key
+
+    def advance(self, task: str, advance: float = 1) -> None:
+        self.queue.put(("advance", task, (advance,), {}))
+
+    def update(self, task: str, **fields: Any) -> None:
+        self.queue.put(("update", task, (), fields))
+
+
+def _replay(progress: Progress, queue: Any) -> None:
+    tasks: dict[str, Any] = {}
+    while (call := queue.get()) is not None:
+        name, key, args, fields = call
+        if name == "add_task":
+            tasks[key] = progress.add_task(*args, **fields)
+        elif key in tasks:
+            getattr(progress, name)(tasks[key], *args, **fields)
+
+
+@contextmanager
+def relay(progress: Progress | NullProgress | None, context: Any) -> Iterator[Any]:
+    """The progress handle for worker processes of `context`: a `RelayProgress` over a queue replayed on the
+    parent's bars (terminal), a `NullProgress` (workers print their own lines), or None (no progress)."""
+    if not isinstance(progress, Progress):
+        yield None if progress is None else NullProgress()
+        return
+    queue = context.Queue()
+    thread = threading.Thread(target=_replay, args=(progress, queue), daemon=True)
+    thread.start()
+    try:
+        yield RelayProgress(queue)
+    finally:
+        queue.put(None)
+        thread.join(timeout=5)
+
+
+def progress_hook(progress: Progress | NullProgress | RelayProgress, label: str, feeder: Any) -> ProgressHook:
+    return ProgressHook(None if isinstance(progress, NullProgress) else progress, label, len(feeder))

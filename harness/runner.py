@@ -45,6 +45,9 @@ class RunResult:
     skipped: bool = False
     stopped: str | None = None  # a hook's reason for stopping early (e.g. "pruned"); metrics are then empty
     details: dict[str, Any] = field(default_factory=dict, repr=False)
+    # Where this process's time went, in seconds: setup (data, model, tracking), train (the epochs run here,
+    # per-epoch evaluation included) and eval (the final evaluation); logged as time/* metrics.
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 def build_data(cfg: RunConfig) -> LTData:
@@ -247,6 +250,7 @@ class Run:
             raise HarnessError(f"run '{self.name}' has an unfinished checkpoint in {self.folder}; "
                                "pass --resume to continue it, or --restart to start it over")
         resume_state = state if (resume and state is not None) else None
+        clock = time.perf_counter()
         self.prepare()
         self.start_tracking(resume_state)
         save_json(self.folder / "state.json", {"run_id": self.run_id, "finished": False})
@@ -258,28 +262,33 @@ class Run:
             hooks.append(progress_hook(progress, self.name, feeder))
         trainer = Trainer(self.spec, self.cfg, feeder, self.device, self.folder / "checkpoint.pt",
                           hooks=[*hooks, *self.extra_hooks])
+        timings = {"setup_s": time.perf_counter() - clock}
         try:
+            clock = time.perf_counter()
             trainer.fit(resume=resume_state is not None)
+            timings["train_s"] = time.perf_counter() - clock
             if trainer.stop_reason:
                 tracking.flush()
                 self.tracker.end(self.run_id, "KILLED")
                 self.tracker.finish_run(self.run_id)
                 return RunResult(self.name, self.run_id, {}, time.perf_counter() - started,
                                  stopped=trainer.stop_reason)
+            clock = time.perf_counter()
             metrics = self.evaluate(full=True)
+            timings["eval_s"] = time.perf_counter() - clock
         except BaseException as error:
             tracking.flush_checkpointed(trainer)
             self.tracker.end(self.run_id, "FAILED" if isinstance(error, Exception) else "KILLED")
             raise
         wall = time.perf_counter() - started
-        self.log_final(metrics, wall, trainer.total_epochs)
+        self.log_final({**metrics, **{f"time/{k}": v for k, v in timings.items()}}, wall, trainer.total_epochs)
         self.tracker.end(self.run_id)
         save_json(self.folder / "state.json", {"run_id": self.run_id, "finished": True, "metrics": metrics,
                                                "wall_time_s": wall})
         (self.folder / "checkpoint.pt").unlink(missing_ok=True)
         tracking.journal.unlink(missing_ok=True)
         self.tracker.finish_run(self.run_id)  # replays what a tracking server that went away missed, or says how
-        return RunResult(self.name, self.run_id, metrics, wall, details=self.details)
+        return RunResult(self.name, self.run_id, metrics, wall, details=self.details, timings=timings)
 
     def _feeder(self) -> Any:
         t, d = self.cfg.train, self.data

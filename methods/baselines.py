@@ -12,39 +12,40 @@ from harness.methods.shike import classifier_retraining
 from harness.registry import METHODS
 
 
-def _one_stage(num_classes: int, term: LossTermModule, name: str, head: str, scale: float, shortcut: str):
+def _one_stage(num_classes: int, term: LossTermModule, name: str, head: str, scale: float, shortcut: str,
+               depth: int):
     model = build_expert_resnet(num_classes=num_classes, experts=1, dkf=False, shortcut=shortcut, head=head,
-                                scale=scale, retrain_head=False)
+                                scale=scale, retrain_head=False, depth=depth)
     return MethodSpec(model, (Stage("end-to-end", (LossTerm(name, 1.0, term),), epochs=200, peak_lr=0.15),))
 
 
 @METHODS.register("ce")
 def ce(*, num_classes: int, class_counts: Sequence[int], head: str = "linear", scale: float = 30.0,
-       shortcut: str = "B") -> MethodSpec:
+       shortcut: str = "B", depth: int = 32) -> MethodSpec:
     """Plain ResNet-32 with instance-balanced cross-entropy, one stage (the whole budget, 200 epochs by default)."""
-    return _one_stage(num_classes, ExpertCE(), "ce", head, scale, shortcut)
+    return _one_stage(num_classes, ExpertCE(), "ce", head, scale, shortcut, depth)
 
 
 @METHODS.register("bsce")
 def bsce(*, num_classes: int, class_counts: Sequence[int], head: str = "linear", scale: float = 30.0,
-         shortcut: str = "B") -> MethodSpec:
+         shortcut: str = "B", depth: int = 32) -> MethodSpec:
     """Balanced softmax (Ren et al., NeurIPS 2020; SHIKE Eq. 11) end to end, one stage."""
-    return _one_stage(num_classes, BalancedSoftmaxCE(class_counts), "bsce", head, scale, shortcut)
+    return _one_stage(num_classes, BalancedSoftmaxCE(class_counts), "bsce", head, scale, shortcut, depth)
 
 
 @METHODS.register("la")
 def la(*, num_classes: int, class_counts: Sequence[int], tau: float = 1.0, head: str = "linear", scale: float = 30.0,
-       shortcut: str = "B") -> MethodSpec:
+       shortcut: str = "B", depth: int = 32) -> MethodSpec:
     """Logit-adjusted loss (Menon et al., ICLR 2021), one stage; tau = 1 by default."""
-    return _one_stage(num_classes, LogitAdjustedCE(class_counts, tau=tau), "la", head, scale, shortcut)
+    return _one_stage(num_classes, LogitAdjustedCE(class_counts, tau=tau), "la", head, scale, shortcut, depth)
 
 
 @METHODS.register("plain")
 def plain(*, num_classes: int, class_counts: Sequence[int], head: str = "linear", scale: float = 30.0,
-          shortcut: str = "B", freeze_bn_stage2: bool = False) -> MethodSpec:
+          shortcut: str = "B", freeze_bn_stage2: bool = False, depth: int = 32) -> MethodSpec:
     """SHIKE Table 4 row 1: a plain ResNet-32 trained with CE, then a fresh classifier re-trained with balanced
     softmax on the frozen backbone (decoupled training, as every row of the table)."""
     model = build_expert_resnet(num_classes=num_classes, experts=1, dkf=False, shortcut=shortcut, head=head,
-                                scale=scale)
+                                scale=scale, depth=depth)
     representation = Stage("representation", (LossTerm("ce", 1.0, ExpertCE()),), epochs=180, peak_lr=0.15)
     return MethodSpec(model, (representation, classifier_retraining(class_counts, freeze_bn_stage2)))

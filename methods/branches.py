@@ -21,7 +21,7 @@ from harness.method import LossTerm, LTModel, MethodSpec, ModelOutput, Stage
 from harness.methods.losses import ExpertCE
 from harness.methods.models.heads import make_head
 from harness.methods.models.moe import STAGE_WIDTHS, ShallowAligner
-from harness.methods.models.resnet_cifar import Stem, init_weights, make_stage
+from harness.methods.models.resnet_cifar import Stem, blocks_per_stage, init_weights, make_stage
 from harness.methods.shike import classifier_retraining, parse_sources
 from harness.registry import METHODS
 
@@ -32,15 +32,16 @@ class BranchResNet(LTModel):
     so their losses train only their own aligner and head and the trunk is a plain ResNet-32."""
 
     def __init__(self, *, num_classes: int, shallow: tuple[int, ...], joint: bool, shortcut: str, head: str,
-                 scale: float, align_relu: str, in_channels: int = 3) -> None:
+                 scale: float, align_relu: str, in_channels: int = 3, depth: int = 32) -> None:
         super().__init__()
         self.shallow, self.joint = tuple(shallow), joint
         self.num_experts = len(self.shallow) + 1
         self.active_head = "head"
         self.stem = Stem(in_channels, STAGE_WIDTHS[0])
-        self.layer1 = make_stage(STAGE_WIDTHS[0], STAGE_WIDTHS[0], 5, stride=1, option=shortcut)
-        self.layer2 = make_stage(STAGE_WIDTHS[0], STAGE_WIDTHS[1], 5, stride=2, option=shortcut)
-        self.layer3 = make_stage(STAGE_WIDTHS[1], STAGE_WIDTHS[2], 5, stride=2, option=shortcut)
+        blocks = blocks_per_stage(depth)
+        self.layer1 = make_stage(STAGE_WIDTHS[0], STAGE_WIDTHS[0], blocks, stride=1, option=shortcut)
+        self.layer2 = make_stage(STAGE_WIDTHS[0], STAGE_WIDTHS[1], blocks, stride=2, option=shortcut)
+        self.layer3 = make_stage(STAGE_WIDTHS[1], STAGE_WIDTHS[2], blocks, stride=2, option=shortcut)
         width = STAGE_WIDTHS[2]
         self.heads = nn.ModuleList(make_head(head, width, num_classes, scale) for _ in range(self.num_experts))
         self.retrain_heads = nn.ModuleList(make_head(head, width, num_classes, scale)
@@ -89,6 +90,7 @@ def branches(
     shortcut: str = "B",
     align_relu: str = "code",
     freeze_bn_stage2: bool = False,
+    depth: int = 32,
 ) -> MethodSpec:
     """SHIKE Fig. 1 probe: ResNet-32 with a classifier on each of its branches.
 
@@ -100,7 +102,7 @@ def branches(
     """
     sources = parse_sources(shallow) or ()
     model = BranchResNet(num_classes=num_classes, shallow=sources, joint=joint, shortcut=shortcut, head=head,
-                         scale=scale, align_relu=align_relu)
+                         scale=scale, align_relu=align_relu, depth=depth)
     representation = Stage("representation", (LossTerm("ce", 1.0, ExpertCE()),), epochs=200, peak_lr=0.15)
     return MethodSpec(model, (representation, classifier_retraining(class_counts, freeze_bn_stage2)),
                       notes={"branches": ",".join(branch_names(sources))})

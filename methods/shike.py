@@ -46,15 +46,17 @@ def shike(
     dkf_sources: str = "",
     align_relu: str = "code",
     freeze_bn_stage2: bool = False,
+    depth: int = 32,
 ) -> MethodSpec:
     """SHIKE. Stage 1 (Eq. 10): sum_m CE(z^m, y) + alpha * L_nt + beta * L_mu; stage 2: Eq. 11.
 
     alpha weights DKT (L_nt, Eq. 5-9) and beta mutual KL (L_mu, Eq. 4), in the units of `kl_reduction`:
     batchmean (per sample; official = 0.1 / 0.01 on CIFAR-100) or mean (official literal: 10 / 1, over B*C).
+    depth: the CIFAR ResNet depth of each expert's trunk (32 official; 8/14/20 for quick CPU runs).
     A switched-off component is absent from the objective, not multiplied by zero.
     """
     model = build_expert_resnet(num_classes=num_classes, experts=experts, dkf=dkf, shortcut=shortcut, head=head,
-                                scale=scale, dkf_sources=parse_sources(dkf_sources), align_relu=align_relu)
+                                scale=scale, dkf_sources=parse_sources(dkf_sources), align_relu=align_relu, depth=depth)
     terms = [LossTerm("ce", 1.0, ExpertCE())]
     if l_nt and alpha > 0:
         terms.append(LossTerm("nt", alpha, DKT(variant=dkt_variant, reduction=kl_reduction, detach=detach)))

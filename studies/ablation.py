@@ -30,7 +30,9 @@ import torch
 from harness.checkpoint import load_json, save_json
 from harness.config import RunConfig
 from harness.errors import HarnessError
+from harness.interrupts import Terminated, install_signal_handlers
 from harness.naming import checkpoint_dir, experiment_name, run_name
+from harness.progress import relay
 from harness.registry import DATASETS
 from harness.runner import Run, build_data
 from harness.studies.report import Report, build_report, log_report
@@ -143,31 +145,59 @@ class ChildJob:
     table: str
 
 
-def execute_job(job: ChildJob, tracking_uri: str, resume: bool, progress: Any = None, threads: int = 0) -> dict:
-    """Run one child and return its result record (also the entry point of worker processes)."""
-    if threads:
-        torch.set_num_threads(threads)
+def execute_job(job: ChildJob, tracking_uri: str, resume: bool, progress: Any = None) -> dict:
+    """Run one child and return its result record (also what worker processes run)."""
     run = Run(job.cfg, Tracker(tracking_uri), job.experiment, job.name, parent_run_id=job.parent,
               tags={"table": job.table, "row": job.row, "row_key": job.key})
     result = run.execute(resume=resume, progress=progress)
     return {"row": job.row, "key": job.key, "seed": job.seed, "run_id": result.run_id,
-            "wall_time_s": result.wall_time_s, "skipped": result.skipped, **result.metrics}
+            "wall_time_s": result.wall_time_s, "skipped": result.skipped, **result.metrics,
+            **{f"time/{k}": v for k, v in result.timings.items()}}
+
+
+_worker_progress: Any = None  # set in each worker process by `_start_worker`
+
+
+def _start_worker(threads: int, progress: Any) -> None:
+    global _worker_progress
+    install_signal_handlers()  # SIGTERM unwinds a worker's run as in the main process: checkpoint kept, run KILLED
+    torch.set_num_threads(threads)
+    _worker_progress = progress
+
+
+def _worker_job(job: ChildJob, tracking_uri: str, resume: bool) -> dict:
+    try:
+        return execute_job(job, tracking_uri, resume, _worker_progress)
+    except (KeyboardInterrupt, Terminated):
+        # The run is marked KILLED and its finished epochs are checkpointed; end this worker rather than let the
+        # pool hand it the next queued run while the study is being stopped.
+        os._exit(143)
 
 
 def run_jobs(jobs: list[ChildJob], tracking_uri: str, resume: bool, workers: int = 1,
              progress: Any = None) -> Iterator[dict]:
-    """Execute jobs one after another (with per-run progress bars) or in `workers` processes at once: runs of
-    launch-bound small models overlap their host overhead on one GPU; on a CPU they share the cores."""
+    """Execute jobs one after another or in `workers` processes at once (each with cores / workers threads):
+    runs of launch-bound small models overlap their host overhead on one GPU; on a CPU they share the cores.
+    Either way each run shows its progress: a bar (worker bars are relayed to this process) or a line per epoch."""
     if workers <= 1:
         for job in jobs:
             yield execute_job(job, tracking_uri, resume, progress)
         return
     threads = max(1, (os.cpu_count() or 1) // workers)
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        futures = [pool.submit(execute_job, job, tracking_uri, resume, None, threads) for job in jobs]
-        for future in as_completed(futures):
-            yield future.result()
+    with relay(progress, context) as handle, ProcessPoolExecutor(
+        max_workers=workers, mp_context=context, initializer=_start_worker, initargs=(threads, handle)
+    ) as pool:
+        futures = [pool.submit(_worker_job, job, tracking_uri, resume) for job in jobs]
+        try:
+            for future in as_completed(futures):
+                yield future.result()
+        except BaseException:  # Ctrl-C, SIGTERM, a failed run: stop the other runs too, each resumable
+            for future in futures:
+                future.cancel()
+            for process in list(pool._processes.values()):  # no public API before Python 3.14
+                process.terminate()
+            raise
 
 
 def _open_parent(plan: StudyPlan, tracker: Tracker, resume: bool) -> str:
@@ -216,7 +246,7 @@ def run_study(plan: StudyPlan, tracker: Tracker, *, resume: bool = False, restar
     outer = progress.add_task("runs", total=len(jobs)) if progress is not None else None
     records = []
     try:
-        for record in run_jobs(jobs, tracker.uri, resume, workers, progress if workers <= 1 else None):
+        for record in run_jobs(jobs, tracker.uri, resume, workers, progress):
             records.append(record)
             if outer is not None:
                 progress.advance(outer)

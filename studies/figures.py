@@ -63,7 +63,7 @@ def hardest_negative_histogram(probabilities: Mapping[str, np.ndarray], bins: in
     return pd.DataFrame(counts, index=pd.Index(np.round(edges[:-1], 6), name="bin_left"))
 
 
-def _save(figure: Figure, path: Path) -> Path:
+def save_png(figure: Figure, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, format="png", dpi=120, bbox_inches="tight")
@@ -98,7 +98,7 @@ def figure1(accuracy: np.ndarray, class_counts: Sequence[int], names: Sequence[s
     _best_per_class(ax, accuracy, class_counts, names)
     ax.set_title("Fig. 1: best branch per class (balanced-softmax re-trained heads)" +
                  (f"\n{subtitle}" if subtitle else ""), fontsize=10)
-    return _save(figure, path)
+    return save_png(figure, path)
 
 
 def figure3(accuracy: np.ndarray, class_counts: Sequence[int], names: Sequence[str], path: Path,
@@ -122,7 +122,7 @@ def figure3(accuracy: np.ndarray, class_counts: Sequence[int], names: Sequence[s
     right.set_title("(b) share of classes each expert is best on", fontsize=10)
     right.legend(fontsize=8)
     figure.suptitle("Fig. 3: preferences of the experts" + (f"\n{subtitle}" if subtitle else ""), fontsize=10)
-    return _save(figure, path)
+    return save_png(figure, path)
 
 
 def figure4(probabilities: Mapping[str, np.ndarray], path: Path, subtitle: str = "") -> Path:
@@ -143,4 +143,4 @@ def figure4(probabilities: Mapping[str, np.ndarray], path: Path, subtitle: str =
     ax.legend(fontsize=8)
     ax.set_title("Fig. 4: hardest-negative probability on the test set" + (f"\n{subtitle}" if subtitle else ""),
                  fontsize=10)
-    return _save(figure, path)
+    return save_png(figure, path)

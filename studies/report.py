@@ -179,7 +179,9 @@ def protocol_line(runs: pd.DataFrame, table: TableSpec, matched: dict[str, tuple
         data.append(f"{column.label}: {used}" + ("" if used == paper else f" (paper: {paper})"))
     epochs = planned_epochs(runs)
     test = _col(runs, "params.data.test_per_class").astype(str).replace({"0": "full"})
-    return ("Protocol: " + "; ".join(dict.fromkeys(data)) +
+    depth = _col(runs, "params.method.depth").dropna()
+    trunk = f"; ResNet-{_describe(depth)} trunks" if not depth.empty and set(depth.astype(str)) != {"32"} else ""
+    return ("Protocol: " + "; ".join(dict.fromkeys(data)) + trunk +
             f"; profile {_describe(_col(runs, 'params.data.profile'))}; epochs {_describe(epochs)}; "
             f"preset {_describe(_col(runs, 'params.preset'))}; "
             f"seeds {_describe(_col(runs, 'params.train.seed'), ',')}; test images per class {_describe(test)}; "

@@ -25,3 +25,20 @@ def cell_stats(values: Sequence[float]) -> dict[str, float]:
         return {"mean": mean, "std": math.nan, "n": 1, "ci95": math.nan}
     std = math.sqrt(sum((v - mean) ** 2 for v in clean) / (n - 1))
     return {"mean": mean, "std": std, "n": n, "ci95": t_quantile(n - 1) * std / math.sqrt(n)}
+
+
+def difference(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
+    """mean(a) - mean(b) with the half-width of its 95% Welch interval (df floored: conservative), and the
+    larger of the two seed stds; nan where a side has fewer than two values."""
+    sa, sb = cell_stats(a), cell_stats(b)
+    diff = sa["mean"] - sb["mean"]
+    if sa["n"] < 2 or sb["n"] < 2:
+        return {"diff": diff, "ci95": math.nan, "spread": math.nan, "n_a": sa["n"], "n_b": sb["n"]}
+    va, vb = sa["std"] ** 2 / sa["n"], sb["std"] ** 2 / sb["n"]
+    se = math.sqrt(va + vb)
+    if se == 0:
+        ci = 0.0
+    else:  # Welch-Satterthwaite degrees of freedom
+        df = (va + vb) ** 2 / (va**2 / (sa["n"] - 1) + vb**2 / (sb["n"] - 1))
+        ci = t_quantile(max(1, math.floor(df))) * se
+    return {"diff": diff, "ci95": ci, "spread": max(sa["std"], sb["std"]), "n_a": sa["n"], "n_b": sb["n"]}

@@ -12,7 +12,7 @@ from torch import nn
 
 from harness.method import LTModel, ModelOutput
 from harness.methods.models.heads import make_head
-from harness.methods.models.resnet_cifar import Stem, init_weights, make_stage
+from harness.methods.models.resnet_cifar import Stem, blocks_per_stage, init_weights, make_stage
 
 STAGE_WIDTHS = (16, 32, 64)
 ALIGN_RELU_MODES = ("code", "all")
@@ -79,6 +79,7 @@ class ExpertResNet(LTModel):
         align_relu: str,
         retrain_head: bool,
         in_channels: int,
+        depth: int = 32,
     ) -> None:
         super().__init__()
         if experts < 1:
@@ -87,15 +88,17 @@ class ExpertResNet(LTModel):
         self.num_classes = num_classes
         self.feature_dim = STAGE_WIDTHS[2]
         self.dkf = dkf
+        self.depth = depth
+        blocks = blocks_per_stage(depth)
         self.dkf_sources = tuple(dkf_sources) if dkf else ()
         self.active_head = "head"
         # Construction order follows the official __init__ (stem, layer1, layer2, layer3s, classifiers,
         # rt_classifiers, then _weights_init, then the aligners), so a seeded run draws the same initial weights.
         self.stem = Stem(in_channels, STAGE_WIDTHS[0])
-        self.layer1 = make_stage(STAGE_WIDTHS[0], STAGE_WIDTHS[0], 5, stride=1, option=shortcut)
-        self.layer2 = make_stage(STAGE_WIDTHS[0], STAGE_WIDTHS[1], 5, stride=2, option=shortcut)
+        self.layer1 = make_stage(STAGE_WIDTHS[0], STAGE_WIDTHS[0], blocks, stride=1, option=shortcut)
+        self.layer2 = make_stage(STAGE_WIDTHS[0], STAGE_WIDTHS[1], blocks, stride=2, option=shortcut)
         self.layer3s = nn.ModuleList(
-            make_stage(STAGE_WIDTHS[1], STAGE_WIDTHS[2], 5, stride=2, option=shortcut) for _ in range(experts)
+            make_stage(STAGE_WIDTHS[1], STAGE_WIDTHS[2], blocks, stride=2, option=shortcut) for _ in range(experts)
         )
         self.heads = nn.ModuleList(make_head(head, self.feature_dim, num_classes, scale) for _ in range(experts))
         self.retrain_heads: nn.ModuleList | None = None
@@ -113,7 +116,7 @@ class ExpertResNet(LTModel):
 
     def architecture(self) -> dict[str, object]:
         sources = ",".join(f"layer{s}" for s in self.dkf_sources)
-        return {"experts": self.num_experts, "dkf": self.dkf, "dkf_sources": sources or "none",
+        return {"depth": self.depth, "experts": self.num_experts, "dkf": self.dkf, "dkf_sources": sources or "none",
                 "head": type(self.heads[0]).__name__}
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
@@ -157,6 +160,7 @@ def build_expert_resnet(
     align_relu: str = "code",
     retrain_head: bool = True,
     in_channels: int = 3,
+    depth: int = 32,
 ) -> ExpertResNet:
     """Build SHIKE's CIFAR model; the defaults are the official code (`networks.py`, `resnet32(use_norm=True, num_exps=3)`).
 
@@ -164,6 +168,7 @@ def build_expert_resnet(
     shortcut: "B" (official, 1x1 projection) or "A" (zero padding). head: "cosine" (official, logits scaled by
     `scale`) or "linear" (paper wording). dkf_sources: per expert 1 (layer1) or 2 (layer2); None cycles (1, 2)
     as the official code does; ignored when dkf is False. align_relu: "code" or "all" (see `ShallowAligner`).
+    depth: CIFAR ResNet depth 6n+2 (32 = 5 blocks per stage, the official; 8 = 1 block, 20 = 3, 56 = 9).
     retrain_head: also build the separate, fresh heads used after classifier re-training (official `rt_classifiers`).
     """
     sources = default_dkf_sources(experts) if dkf_sources is None else tuple(int(s) for s in dkf_sources)
@@ -182,4 +187,5 @@ def build_expert_resnet(
         align_relu=align_relu,
         retrain_head=retrain_head,
         in_channels=in_channels,
+        depth=depth,
     )

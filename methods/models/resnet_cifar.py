@@ -63,6 +63,13 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
+def blocks_per_stage(depth: int) -> int:
+    """CIFAR ResNet depth 6n+2 (8, 14, 20, 32, 56, 110, ...) -> n BasicBlocks per stage (32 -> 5, SHIKE's)."""
+    if depth < 8 or (depth - 2) % 6:
+        raise ValueError(f"a CIFAR ResNet depth is 6n+2 with n >= 1 (8, 14, 20, 32, 56, 110), got {depth}")
+    return (depth - 2) // 6
+
+
 def make_stage(in_planes: int, planes: int, blocks: int = 5, stride: int = 1, option: str = "B") -> nn.Sequential:
     """One ResNet stage: `blocks` BasicBlocks, the first with `stride` (official `_make_layer`, `networks.py:183-190`)."""
     layers = [BasicBlock(in_planes, planes, stride, option)]

@@ -1,0 +1,169 @@
+"""`harness demo`: the conclusion in words against the seed spread (golden values), the head-to-tail figure data,
+and the command end to end on real Fashion-MNIST-LT with two worker processes (lines per epoch off a terminal)."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from harness.studies.demo import Verdict, group_bars, head_to_tail, verdicts
+from harness.studies.stats import difference
+
+
+def test_difference_is_welch_with_floored_degrees_of_freedom():
+    a, b = [56.1, 57.3, 55.2], [50.2, 51.0, 49.1, 50.5]
+    # scipy.stats.ttest_ind(a, b, equal_var=False): t = 8.228705775884928, df = 3.663 -> floored to 3 (t975 3.182)
+    se = 6.0 / 8.228705775884928
+    got = difference(a, b)
+    assert got["diff"] == pytest.approx(6.0)
+    assert got["ci95"] == pytest.approx(3.182 * se)
+    assert got["spread"] == pytest.approx(np.std(a, ddof=1))  # the larger of the two seed stds
+    assert (got["n_a"], got["n_b"]) == (3, 4)
+    one = difference([50.0], [40.0, 41.0])
+    assert one["diff"] == 9.5 and math.isnan(one["ci95"]) and math.isnan(one["spread"])
+
+
+def _records(shike: list[float], plain: list[float]) -> pd.DataFrame:
+    lines = [{"row": "SHIKE", "key": "shike", "seed": s, "test/top1": v, "test/few": v / 2, "test/many": 90.0,
+              "test/medium": 60.0} for s, v in enumerate(shike)]
+    lines += [{"row": "Plain", "key": "plain", "seed": s, "test/top1": v, "test/few": v / 2, "test/many": 80.0 + s,
+               "test/medium": 50.0} for s, v in enumerate(plain)]
+    return pd.DataFrame(lines)
+
+
+def test_verdicts_say_how_large_the_difference_is_against_the_seed_spread():
+    clear = verdicts(_records([70.0, 71.0, 72.0], [60.0, 61.0, 62.0]), "plain", ["plain", "shike"])
+    assert [(v.row, v.baseline, v.metric) for v in clear] == [("SHIKE", "Plain", "top-1"), ("SHIKE", "Plain", "few-shot")]
+    top1 = clear[0]
+    assert top1.diff == pytest.approx(10.0) and top1.spread == pytest.approx(1.0) and top1.separated
+    text = top1.sentence()
+    assert "+10.00 points" in text and "10.0x the seed spread" in text and "beyond seed noise" in text
+    assert "every SHIKE seed is above every Plain seed" in text
+    noisy = verdicts(_records([60.0, 66.0, 63.0], [61.0, 65.0, 62.0]), "plain", ["plain", "shike"])[0]
+    assert not noisy.separated and "not told apart from seed noise" in noisy.sentence()
+    single = verdicts(_records([70.0], [60.0]), "plain", ["plain", "shike"])[0]
+    assert "one seed per row" in single.sentence() and "--seeds 0,1,2" in single.sentence()
+    worse = Verdict("A", "B", "top-1", -5.0, 1.0, 1.0, (3, 3), True).sentence()
+    assert "A is below B beyond seed noise" in worse
+
+
+def test_head_to_tail_orders_classes_by_training_images_and_averages_seeds():
+    per_class = pd.DataFrame([
+        {"row": r, "seed": s, "class": c, "name": f"c{c}", "train_count": n, "accuracy": acc}
+        for r, shift in (("Plain", 0.0), ("SHIKE", 10.0)) for s in (0, 1)
+        for c, n, acc in ((0, 5, 10.0 + s + shift), (1, 50, 80.0 + 2 * s + shift), (2, 50, 60.0 + shift))
+    ])
+    curve = head_to_tail(per_class)
+    plain = curve[curve["row"] == "Plain"]
+    assert list(plain["class"]) == [1, 2, 0]  # 50, 50 (tie: class order), then 5 images
+    assert list(plain["rank"]) == [0, 1, 2]
+    assert list(plain["mean"]) == pytest.approx([81.0, 60.0, 10.5])
+    assert list(plain["std"]) == pytest.approx([math.sqrt(2), 0.0, math.sqrt(0.5)])
+    assert list(curve[curve["row"] == "SHIKE"]["mean"]) == pytest.approx([91.0, 70.0, 20.5])
+    bars = group_bars(_records([70.0, 71.0], [60.0, 61.0]))
+    assert bars.loc["Plain", ("many", "mean")] == pytest.approx(80.5)
+    assert bars.loc["Plain", ("many", "std")] == pytest.approx(math.sqrt(0.5))
+    assert bars.loc["SHIKE", ("few", "mean")] == pytest.approx(35.25)
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_with_two_workers(tmp_path, monkeypatch):
+    """Two seeds of Plain and SHIKE in two worker processes, 1+1 epochs: a line per epoch per run off a terminal,
+    the two-row table, the verdict lines, and the figure and table written and logged to the parent run."""
+    env = {**os.environ, "HARNESS_HOME": str(tmp_path / "home"), "MLFLOW_DISABLE_TELEMETRY": "true",
+           "DO_NOT_TRACK": "true"}
+    done = subprocess.run(
+        [sys.executable, "-m", "harness.cli", "demo", "--epochs", "1+1", "--seeds", "0,1", "--workers", "2",
+         "--set", "data.test_per_class=20", "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stderr.splitlines()
+    for run in ("plain-fmnistlt-if100-s0", "plain-fmnistlt-if100-s1", "shike-fmnistlt-if100-s0",
+                "shike-fmnistlt-if100-s1"):
+        for stage in ("representation epoch 1/1", "classifier epoch 1/1"):
+            assert sum(line.startswith(f"{run} {stage}") and " eta " in line for line in lines) == 1, run
+    rows = [line.split("│")[1].strip() for line in done.stdout.splitlines() if line.startswith("│")]
+    assert rows == ["Plain", "SHIKE"]  # only the rows that ran
+    assert done.stdout.count("SHIKE - Plain, ") == 2
+    assert "ResNet-8 trunks" in done.stdout
+    figure, table = tmp_path / "out" / "demo-fmnistlt-if100.png", tmp_path / "out" / "demo-fmnistlt-if100.md"
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "SHIKE" in table.read_text() and "Plain" in table.read_text()
+    assert "harness ui" in done.stderr and "http://127.0.0.1:5000" in done.stderr
+
+    from harness.tracking import Tracker
+
+    monkeypatch.setenv("HARNESS_HOME", env["HARNESS_HOME"])
+    tracker = Tracker()
+    runs = tracker.search(["demo-fmnistlt-if100"])
+    parent = runs[runs["tags.kind"] == "study"]["run_id"].iloc[0]
+    assert {"demo-fmnistlt-if100.png", "demo-fmnistlt-if100.md"} <= set(tracker.artifact_names(parent))
+    children = runs[runs["tags.kind"] != "study"]
+    assert len(children) == 4 and set(children["status"]) == {"FINISHED"}
+    assert set(children["params.method.depth"]) == {"8"}
+
+
+def _alive_in_group(pgid: int) -> list[int]:
+    """Live (not zombie) processes of a process group, from /proc: a container without an init may keep the
+    zombies of exited children around, and those are not left-behind work."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue
+        if int(group) == pgid and state != "Z":
+            alive.append(int(stat.parent.name))
+    return alive
+
+
+@pytest.mark.slow
+def test_sigterm_stops_every_worker_and_resume_runs_only_the_rest(tmp_path, monkeypatch):
+    """SIGTERM to `run ablation --workers 2` ends both worker runs (KILLED, checkpointed) and the parent (exit 143)
+    with no process left behind; `--resume` then finishes both runs without re-running their first epoch (checkpointed
+    before the second epoch began, so it must not be trained again)."""
+    import signal
+    import time
+
+    env = {**os.environ, "HARNESS_HOME": str(tmp_path / "home"), "MLFLOW_DISABLE_TELEMETRY": "true",
+           "DO_NOT_TRACK": "true"}
+    command = [sys.executable, "-m", "harness.cli", "run", "ablation", "--dataset", "fmnistlt", "--if", "100",
+               "--rows", "plain,shike", "--seeds", "0", "--workers", "2", "--epochs", "6+1",
+               "--set", "method.depth=8", "--set", "data.test_per_class=10", "--set", "train.eval_interval=0"]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
+                               start_new_session=True)
+    started, seen = time.monotonic(), set()
+    assert process.stderr is not None
+    for line in process.stderr:
+        if "representation epoch 2/6" in line:
+            seen.add(line.split()[0])
+        if len(seen) == 2 or time.monotonic() - started > 300:
+            break
+    assert len(seen) == 2, "both workers should have finished two epochs"
+    process.send_signal(signal.SIGTERM)
+    rest = process.stderr.read()
+    assert process.wait(timeout=120) == 143, rest[-2000:]
+    assert "rerun with --resume" in rest and "Traceback" not in rest
+    time.sleep(1)
+    assert _alive_in_group(process.pid) == []  # the workers are gone with the parent
+
+    from harness.tracking import Tracker
+
+    monkeypatch.setenv("HARNESS_HOME", env["HARNESS_HOME"])
+    runs = Tracker().search(["table4-fmnistlt-if100"])
+    assert sorted(runs["status"]) == ["KILLED"] * 3  # the parent and both children
+
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, env=env, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "representation epoch 1/6" not in resumed.stderr  # checkpointed epochs are not trained again
+    assert "shike-fmnistlt-if100-s0 representation epoch 6/6" in resumed.stderr
+    runs = Tracker().search(["table4-fmnistlt-if100"])
+    children = runs[runs["tags.kind"] != "study"]
+    assert sorted(children["status"]) == ["FINISHED", "FINISHED"]
