@@ -23,7 +23,7 @@ from harness.studies.stats import cell_stats, difference
 DEMO_DATASET, DEMO_IF = "fmnistlt", 100.0
 DEMO_ROWS = ("plain", "shike")
 DEMO_SEEDS = (0, 1, 2)
-DEMO_EPOCHS = "36+4"
+DEMO_EPOCHS = "18+2"
 # ResNet-8 trunks (one block per stage): a quarter of ResNet-32's step time, so several seeds fit in ten minutes.
 DEMO_SETTINGS = ("method.depth=8", "train.eval_interval=0")
 DEMO_EXPERIMENT = "demo-fmnistlt-if100"
