@@ -11,12 +11,16 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from cli_support import run_cli
 
 from harness.registry import METHODS
 
+# Fashion-MNIST-LT IF 100 at n_max 200 (492 training images, 200 -> 2: many, medium and few all have classes), 20 test
+# images per class, ResNet-8 trunks (`method.depth=8`: the CLI's plumbing does not depend on the depth; `describe`
+# below checks ResNet-32's counts).
 TINY = ["--dataset", "fmnistlt", "--if", "100", "--epochs", "1+1", "--set", "data.test_per_class=20",
-        "--set", "train.eval_interval=0"]
+        "--set", "train.eval_interval=0", "--set", "data.n_max=200", "--set", "method.depth=8"]
 
 
 
@@ -64,7 +68,7 @@ def test_describe_shike_and_plain(capsys):
 
 
 @pytest.mark.slow
-def test_run_method_end_to_end_on_real_data(capsys, harness_home):
+def test_run_method_end_to_end_on_real_data(capsys, harness_home, one_torch_thread):
     from harness.tracking import Tracker
 
     code, out, err = run_cli(["run", "method", "--method", "plain", *TINY], capsys)
@@ -82,37 +86,68 @@ def test_run_method_end_to_end_on_real_data(capsys, harness_home):
     assert details["per_class_acc"].shape == (10,)
 
 
-def _cli(home: Path, *args: str) -> subprocess.Popen:
-    env = {**os.environ, "HARNESS_HOME": str(home), "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
-    return subprocess.Popen([sys.executable, "-m", "harness.cli", *args], env=env, stdout=subprocess.PIPE,
+PLUGINS = Path(__file__).parent / "plugins_for_tests"  # pause_points: records the epoch a run (re)starts at
+
+
+def _cli(home: Path, *args: str, events: Path | None = None) -> subprocess.Popen:
+    """`python -m harness.cli ARGS` in its own process; one torch thread, so two of them share 2 cores without
+    stalling each other (and both compute with the same thread count, hence the same numbers). With `events`, the
+    test-only plugin pause_points writes there the epoch the run starts training at (it never pauses here)."""
+    env = {**os.environ, "HARNESS_HOME": str(home), "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
+           "OMP_NUM_THREADS": "1"}
+    plugin = []
+    if events is not None:
+        env.update(HARNESS_TEST_EVENTS=str(events), HARNESS_TEST_PAUSE="",
+                   PYTHONPATH=os.pathsep.join(p for p in (str(PLUGINS), os.environ.get("PYTHONPATH", "")) if p))
+        plugin = ["--plugin", "pause_points"]
+    return subprocess.Popen([sys.executable, "-m", "harness.cli", *plugin, *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
+def _loss_steps(home: Path) -> list[int]:
+    """The `loss/total` steps logged in the only MLflow run of the store in `home`, duplicates kept."""
+    from mlflow.tracking import MlflowClient  # here: importing mlflow costs seconds at collection
+
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])  # a resume adds no run
+    return sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss/total"))
+
+
 @pytest.mark.slow
-def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
-    args = ["run", "method", "--method", "plain", "--dataset", "fmnistlt", "--if", "100", "--epochs", "4+1",
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, capsys, monkeypatch):
+    """Killed after its first checkpoint (3+1 epochs), refused without --resume, then resumed: it starts at the first
+    epoch its checkpoint lacks (training is deterministic, so a resume that silently retrained from epoch 0 would
+    still reach the same numbers), ends with the uninterrupted run's final metrics, and logs each epoch once."""
+    args = ["run", "method", "--method", "plain", "--dataset", "fmnistlt", "--if", "100", "--epochs", "3+1",
             "--set", "data.n_max=100", "--set", "data.test_per_class=20", "--set", "train.eval_interval=0",
-            "--set", "optim.batch_size=64"]
+            "--set", "optim.batch_size=64", "--set", "method.depth=8"]
     clean = _cli(tmp_path / "clean", *args)
     victim = _cli(tmp_path / "killed", *args)
     checkpoints = tmp_path / "killed" / "checkpoints"
     deadline = time.time() + 300
-    while time.time() < deadline and not list(checkpoints.glob("*/*/checkpoint.pt")):
-        time.sleep(0.2)
+    while time.time() < deadline and victim.poll() is None and not list(checkpoints.glob("*/*/checkpoint.pt")):
+        time.sleep(0.02)
     victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    assert list(checkpoints.glob("*/*/checkpoint.pt")), "no checkpoint was written before the kill"
-    refused = _cli(tmp_path / "killed", *args)
-    assert refused.wait() == 2 and "--resume" in refused.stderr.read()  # no silent restart over saved work
-    resumed = _cli(tmp_path / "killed", *args, "--resume")
+    assert victim.wait() == -signal.SIGKILL, "the run ended before it could be killed: " + victim.stderr.read()
+    (saved,) = checkpoints.glob("*/*/checkpoint.pt")
+    state = torch.load(saved, weights_only=False)
+    first_missing = state["epoch"] + 3 * state["stage"]  # stage 1 (classifier re-training) starts at global epoch 3
+    monkeypatch.setenv("HARNESS_HOME", str(tmp_path / "killed"))
+    code, _, err = run_cli(args, capsys)  # in-process: the refusal comes before any data or model is built
+    assert code == 2 and "--resume" in err  # no silent restart over saved work
+    events = tmp_path / "resumed.events"
+    resumed = _cli(tmp_path / "killed", *args, "--resume", events=events)
     assert resumed.wait() == 0, resumed.stderr.read()
     assert clean.wait() == 0, clean.stderr.read()
+    (start,) = [e for e in map(json.loads, events.read_text().splitlines()) if e["event"] == "start"]
+    assert 1 <= first_missing < 4 and start["epoch"] + 3 * start["stage"] == first_missing
 
     def final(home: Path) -> dict:
         state = next((home / "checkpoints").glob("*/*/state.json"))
         return json.loads(state.read_text())["metrics"]
 
     assert final(tmp_path / "clean") == final(tmp_path / "killed")
+    assert _loss_steps(tmp_path / "killed") == _loss_steps(tmp_path / "clean") == [0, 1, 2, 3]
 
 
 TOY_TABLE = """
@@ -130,12 +165,14 @@ def test_a_plugin_table_is_reported_by_name(tmp_path):
     table name is checked when the command runs, not when the parser is built."""
     (tmp_path / "toy_table_plugin.py").write_text(TOY_TABLE)
     env = {**os.environ, "HARNESS_HOME": str(tmp_path / "runs"), "PYTHONPATH": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-m", "harness.cli", "--plugin", "toy_table_plugin", "report", "toy",
-                           "--format", "csv", "--no-log"], env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    lines = done.stdout.splitlines()
+    commands = [["--plugin", "toy_table_plugin", "report", "toy", "--format", "csv", "--no-log"], ["report", "toy"]]
+    with_plugin, without = [subprocess.Popen([sys.executable, "-m", "harness.cli", *args], env=env, text=True,
+                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            for args in commands]  # both at once: two interpreters start in the time of one
+    out, err = with_plugin.communicate(timeout=120)
+    assert with_plugin.returncode == 0, err
+    lines = out.splitlines()
     assert lines[0].startswith("row,column,mean,std,n,ci95,paper,diff,status")
     assert lines[1].startswith("CE,Acc,,,0,,40.0,,no runs") and lines[2].startswith("Other,Acc,,,0,,41.0,,not runnable")
-    without = subprocess.run([sys.executable, "-m", "harness.cli", "report", "toy"], env=env, capture_output=True,
-                             text=True, timeout=120)
-    assert without.returncode == 2 and "unknown report 'toy'; tables: table1" in without.stderr
+    _, err = without.communicate(timeout=120)
+    assert without.returncode == 2 and "unknown report 'toy'; tables: table1" in err

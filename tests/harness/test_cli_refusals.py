@@ -16,7 +16,8 @@ import harness.studies.tune as tune_mod
 from harness.tracking import Tracker
 
 FAST = ["--dataset", "fmnistlt", "--epochs", "1+1", "--set", "data.test_per_class=10", "--set", "data.n_max=50",
-        "--set", "train.eval_interval=0", "--set", "data.augment=none"]
+        "--set", "train.eval_interval=0", "--set", "data.augment=none",
+        "--set", "method.depth=8"]  # ResNet-8: what these check does not depend on the depth
 
 
 
@@ -105,7 +106,7 @@ def report_csv(experiment: str, table: str) -> pd.DataFrame:
 
 
 @pytest.mark.slow
-def test_table5_runs_end_to_end_and_its_summary_is_the_report(capsys, harness_home):
+def test_table5_runs_end_to_end_and_its_summary_is_the_report(capsys, harness_home, one_torch_thread):
     code, out, err = run_cli(["run", "ablation", "--table", "table5", "--rows", "a", *FAST], capsys)
     assert code == 0, err
     assert "SHIKE Table 5" in out and "(n=1)" in out and "cross-setting comparison" in out
@@ -116,7 +117,7 @@ def test_table5_runs_end_to_end_and_its_summary_is_the_report(capsys, harness_ho
 
 
 @pytest.mark.slow
-def test_table1_at_if_50_is_compared_with_the_papers_if_50_column(capsys, harness_home):
+def test_table1_at_if_50_is_compared_with_the_papers_if_50_column(capsys, harness_home, one_torch_thread):
     code, out, err = run_cli(["run", "ablation", "--table", "table1", "--rows", "shike", "--if", "50", *FAST], capsys)
     assert code == 0, err
     cells = report_csv("table1-fmnistlt-if50", "table1").set_index(["key", "column"])

@@ -16,7 +16,8 @@ from harness.tracking import Tracker
 PROCESSES = 3
 STEPS = 5
 TINY = ["--dataset", "fmnistlt", "--if", "100", "--epochs", "1+1", "--set", "data.test_per_class=20",
-        "--set", "train.eval_interval=0", "--set", "data.n_max=100", "--set", "data.augment=basic"]
+        "--set", "train.eval_interval=0", "--set", "data.n_max=100", "--set", "data.augment=basic",
+        "--set", "method.depth=8"]  # ResNet-8: the race is over the store, not the model
 
 
 def _log_one_run(uri: str, index: int, barrier: multiprocessing.synchronize.Barrier) -> None:
@@ -83,7 +84,7 @@ def test_two_cli_runs_on_one_new_store(tmp_path):
     """Two `harness run method` processes (seeds 0 and 1, one experiment) started together on an empty folder."""
     home = tmp_path / "runs"
     env = {**os.environ, "HARNESS_HOME": str(home), "OMP_NUM_THREADS": "1"}
-    commands = [[sys.executable, "-m", "harness.cli", "run", "method", "--method", "ce", *TINY, "--seed", str(seed)]
+    commands = [[sys.executable, "-m", "harness.cli", "run", "method", "--method", "ce", *TINY, "--seeds", str(seed)]
                 for seed in (0, 1)]
     procs = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for c in commands]

@@ -17,6 +17,7 @@ import torch
 from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import harness.studies.bench.build as bench_build
 from harness.data import LTData, Split
 from harness.datasets.augment import batched_pipeline, per_image_pipeline
 from harness.feeders import DeviceFeeder, ReferenceFeeder
@@ -65,17 +66,23 @@ def shike_trainer(mode: Mode, data: LTData, float64: bool = False) -> Trainer:
 
 @pytest.fixture(scope="module")
 def same_batch() -> dict[str, Any]:
-    """A 2-expert 4-class SHIKE on one batch of 16: eager fp32, compiled fp32 (mode default; about a minute of
-    inductor compilation on a cold cache, paid once here), channels_last fp32, and float64 references."""
+    """A 2-expert 4-class SHIKE on one batch of 16: eager fp32, compiled fp32 (mode default; inductor compilation
+    on a cold cache, paid once here), channels_last fp32, and float64 references. Its trunks are ResNet-8
+    (`depth=8`, given to the benchmarks' variant table for this fixture only): every block kind of ResNet-32 and the
+    same loss step, in a quarter of the graph to compile."""
     data = small_data()
     images, labels = random_batch(BATCH, data.num_classes, CPU)
-    counters.clear()
-    out = {"compiled": losses_and_grads(shike_trainer(compiled("default"), data), images, labels)}
-    out["graph_breaks"] = sum(counters["graph_break"].values())
-    out["eager"] = losses_and_grads(shike_trainer(REFERENCE, data), images, labels)
-    out["channels_last"] = losses_and_grads(shike_trainer(FAST, data), images, labels)
-    out["f64"] = losses_and_grads(shike_trainer(REFERENCE, data, float64=True), images.double(), labels)
-    out["f64_channels_last"] = losses_and_grads(shike_trainer(FAST, data, float64=True), images.double(), labels)
+    with pytest.MonkeyPatch.context() as patch:
+        method, switches = bench_build.VARIANTS["shike"]
+        patch.setitem(bench_build.VARIANTS, "shike", (method, {**switches, "depth": 8}))
+        counters.clear()
+        out = {"compiled": losses_and_grads(shike_trainer(compiled("default"), data), images, labels)}
+        out["graph_breaks"] = sum(counters["graph_break"].values())
+        out["eager"] = losses_and_grads(shike_trainer(REFERENCE, data), images, labels)
+        out["channels_last"] = losses_and_grads(shike_trainer(FAST, data), images, labels)
+        out["f64"] = losses_and_grads(shike_trainer(REFERENCE, data, float64=True), images.double(), labels)
+        out["f64_channels_last"] = losses_and_grads(shike_trainer(FAST, data, float64=True), images.double(),
+                                                    labels)
     return out
 
 

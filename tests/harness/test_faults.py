@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_support import run_cli
 
 from harness.datasets.cifar_lt import build_cifar10lt
 from harness.datasets.fake import write_fake_cifar, write_fake_fmnist
@@ -31,9 +32,10 @@ from harness.datasets.fmnist_lt import IDX_FILES, build_fmnistlt
 from harness.errors import HarnessError
 from harness.tracking import Tracker, runs_dir
 
-# Fashion-MNIST-LT at n_max 100 (250 training images), 20 test images per class, no per-epoch evaluation.
+# Fashion-MNIST-LT at n_max 100 (250 training images), 20 test images per class, no per-epoch evaluation, ResNet-8
+# trunks (`method.depth=8`; no fault here depends on the depth).
 TINY = ["--dataset", "fmnistlt", "--if", "100", "--set", "data.test_per_class=20", "--set", "train.eval_interval=0",
-        "--set", "data.n_max=100", "--set", "data.augment=basic"]
+        "--set", "data.n_max=100", "--set", "data.augment=basic", "--set", "method.depth=8"]
 # MLflow's own default would retry a dead server for minutes; every fault here must end well inside this.
 FAULT_TIMEOUT_S = 150
 
@@ -180,7 +182,7 @@ def _wait_for_first_epoch(url: str, experiment: str, process: subprocess.Popen, 
         runs = tracker.search([experiment])
         if len(runs) and tracker.client.get_metric_history(runs["run_id"][0], "loss/total"):
             return runs["run_id"][0]
-        time.sleep(0.5)
+        time.sleep(0.1)
     raise AssertionError(f"no epoch logged (exit {process.poll()}): {process.stderr.read() if process.stderr else ''}")
 
 
@@ -225,10 +227,11 @@ def test_spool_keeps_every_call_in_order_and_a_cut_replay_sends_none_twice(harne
 
 @pytest.mark.server
 @pytest.mark.slow
-def test_server_lost_mid_run_spools_every_step_and_replay_delivers_each_once(tmp_path):
+def test_server_lost_mid_run_spools_every_step_and_replay_delivers_each_once(tmp_path, capsys, monkeypatch):
+    """The run is the fault, so it is a real process; the replays after it run in-process (`run_cli`)."""
     home, store = tmp_path / "runs", tmp_path / "server"
     store.mkdir()
-    epochs, total = "4+1", 5
+    epochs, total = "6+1", 7  # ResNet-8 epochs: seconds of training still to go when the server is killed
     env = {**os.environ, "HARNESS_HOME": str(home), "OMP_NUM_THREADS": "1"}
     with mlflow_server(store) as server:
         run = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", "method", "--method", "ce", *TINY,
@@ -244,9 +247,10 @@ def test_server_lost_mid_run_spools_every_step_and_replay_delivers_each_once(tmp
     assert str(spool) in lines[1] and f"harness tracking replay {spool}" in lines[1]
     assert spool.is_file() and "test/top1" in spool.read_text()  # the run finished; its numbers are on disk
 
+    monkeypatch.setenv("HARNESS_HOME", str(home))
     with mlflow_server(store) as fresh:  # a new server process on the same store
-        replay = harness(["tracking", "replay", str(spool), "--tracking-uri", fresh.url], home)
-        assert replay.code == 0 and "replayed" in replay.out, replay.err[-3000:]
+        code, out, err = run_cli(["tracking", "replay", str(spool), "--tracking-uri", fresh.url], capsys)
+        assert code == 0 and "replayed" in out, err[-3000:]
         assert not spool.exists()
         client = Tracker(fresh.url).client
         for key in ("loss/total", "lr"):  # every epoch's value exactly once: none lost, none sent twice
@@ -256,8 +260,8 @@ def test_server_lost_mid_run_spools_every_step_and_replay_delivers_each_once(tmp
         assert finished.info.status == "FINISHED" and finished.data.params["method"] == "ce"
         names = {a.path for a in client.list_artifacts(run_id)}
         assert {"config.json", "per_class_accuracy.csv", "eval_details.npz"} <= names
-        again = harness(["tracking", "replay", "--tracking-uri", fresh.url], home)
-        assert again.code == 0 and "nothing to replay" in again.out
+        code, out, _ = run_cli(["tracking", "replay", "--tracking-uri", fresh.url], capsys)
+        assert code == 0 and "nothing to replay" in out
 
 
 # (c) corrupt or truncated data files, an unknown profile ---------------------------------------------------------

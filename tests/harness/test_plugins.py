@@ -94,9 +94,11 @@ def test_an_installed_plugin_package_works_through_every_command(installed_plugi
         ("representation", 2, ["backbone", "head"]), ("classifier", 1, ["head"])]
     assert facts["method_args"] == {"balanced": True, "hidden": 8}
 
-    single = harness(["run", "method", "--method", "toy", *TINY], env, cwd)
+    # The single run and the study are independent (two experiments of one store): started together.
+    single_run = start(["run", "method", "--method", "toy", *TINY], env, cwd)
+    study_run = start(["run", "ablation", "--table", "toytable", "--workers", "2", *TINY], env, cwd)
+    single, study = finish(single_run), finish(study_run)
     assert "toy on toyset IF 10" in single
-    study = harness(["run", "ablation", "--table", "toytable", "--workers", "2", *TINY], env, cwd)
     assert "runs from study toytable-toyset-if10" in study and study.count("(n=1)") == 2, study
     report = harness(["report", "toytable", "--format", "csv", "--no-figures"], env, cwd)
     cells = {line.split(",")[0]: line.split(",") for line in report.splitlines() if ",Acc," in line}
@@ -137,14 +139,15 @@ def test_a_plugin_module_named_by_flag_reaches_the_main_process_and_the_workers(
     shutil.copy(PLUGIN_SRC / "harness_toy_plugin.py", modules)
     env, cwd = cli_env([modules], tmp_path / "runs"), tmp_path
 
-    unknown = harness(["run", "method", "--method", "flagtoy", "--dataset", "fmnistlt"], env, cwd, expect=2)
-    assert "unknown method 'flagtoy'" in unknown  # on the path is not enough: it is --plugin that imports it
-
-    single = harness(["--plugin", "toy_flag", "run", "method", "--method", "flagtoy", *TINY], env, cwd)
-    assert "flagtoy on toyset IF 10" in single and top1_of("flagtoy", single)
+    # Three independent commands (the first fails before any store exists), started together.
+    unknown_run = start(["run", "method", "--method", "flagtoy", "--dataset", "fmnistlt"], env, cwd)
+    single_run = start(["--plugin", "toy_flag", "run", "method", "--method", "flagtoy", *TINY], env, cwd)
     # Worker processes get the module through HARNESS_PLUGINS; without it they would not know 'flagtoy'.
-    study = harness(["--plugin", "toy_flag", "run", "ablation", "--table", "flagtable", "--workers", "2", *TINY],
-                    env, cwd)
+    study_run = start(["--plugin", "toy_flag", "run", "ablation", "--table", "flagtable", "--workers", "2", *TINY],
+                      env, cwd)
+    unknown, single, study = finish(unknown_run, expect=2), finish(single_run), finish(study_run)
+    assert "unknown method 'flagtoy'" in unknown  # on the path is not enough: it is --plugin that imports it
+    assert "flagtoy on toyset IF 10" in single and top1_of("flagtoy", single)
     for row_name in ("Flag CE", "Flag BSCE"):
         assert re.search(rf"{row_name}\s*│\s*[\d.]+ \(n=1\)", study), study
 

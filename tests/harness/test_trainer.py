@@ -15,6 +15,8 @@ from harness.trainer import NonFiniteLoss, Trainer
 
 COUNTS = (40, 20, 10, 5)
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # batches of 32 on ResNet-8: a second thread only stalls
+
 
 def toy_split(n: int = 75, seed: int = 0) -> Split:
     g = torch.Generator().manual_seed(seed)
@@ -35,9 +37,11 @@ class EpochSpy(Hook):
 
 
 def make(method: str = "shike", epochs: int = 2, crt: int = 1, **overrides):
+    """A 2-expert SHIKE on ResNet-8 trunks (`method.depth=8`: what these tests check does not depend on the depth;
+    ResNet-32 itself is built by tests/methods/test_models.py and `harness describe`)."""
     torch.manual_seed(0)
     cfg = resolve_config(method, epochs=f"{epochs}+{crt}",
-                         overrides={"optim.batch_size": 32, "method.experts": 2, **overrides})
+                         overrides={"optim.batch_size": 32, "method.experts": 2, "method.depth": 8, **overrides})
     spec = METHODS.get(method)(num_classes=len(COUNTS), class_counts=COUNTS, **cfg.method_kwargs)
     spec.stages = stage_overrides(spec.stages, cfg.stage_args)
     feeder = ReferenceFeeder(toy_split(), per_image_pipeline("autoaugment", (0.5,) * 3, (0.25,) * 3), 32,
@@ -116,7 +120,10 @@ def test_resume_from_a_checkpoint_reaches_the_same_weights(tmp_path):
                 hooks=[EpochSpy(kill_at_epoch_two)]).fit()
     torch.manual_seed(123)  # the resumed process has other RNG state; the per-epoch seeds make it irrelevant
     cfg, spec, feeder = make(epochs=3, crt=1)
-    Trainer(spec, cfg, feeder, torch.device("cpu"), checkpoint_path=tmp_path / "b.pt").fit(resume=True)
+    trained: list[int] = []  # training is deterministic per epoch: only this tells a resume from a restart at 0
+    Trainer(spec, cfg, feeder, torch.device("cpu"), checkpoint_path=tmp_path / "b.pt",
+            hooks=[EpochSpy(lambda epoch, metrics: trained.append(epoch))]).fit(resume=True)
+    assert trained == [2, 3]
     resumed = spec.model.state_dict()
     for name, value in reference.items():
         assert torch.equal(value, resumed[name]), name

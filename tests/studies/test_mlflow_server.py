@@ -7,7 +7,7 @@ import io
 
 import pandas as pd
 import pytest
-from report_support import EXPERIMENT, log_study, mlflow_server
+from report_support import EXPERIMENT, log_study
 
 from harness.cli import main
 from harness.tracking import Tracker
@@ -16,9 +16,8 @@ pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def server_url(tmp_path_factory):
-    with mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as url:
-        yield url
+def server_url(mlflow_server_url):
+    return mlflow_server_url  # the session's server (tests/studies/conftest.py); this module owns EXPERIMENT there
 
 
 def test_report_through_a_tracking_server(server_url, harness_home, capsys):

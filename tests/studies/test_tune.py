@@ -235,7 +235,7 @@ def test_real_trial_sees_validation_only_and_refit_sees_test_once(harness_home, 
 
     monkeypatch.setattr(harness.runner, "build_data", build_spy)
     monkeypatch.setattr(harness.evaluate.Evaluator, "predict", predict_spy)
-    assert main(["tune", *CLI, "--trials", "1", "--study", "real", "--refit"]) == 0
+    assert main(["tune", *CLI, "--set", "method.depth=8", "--trials", "1", "--study", "real", "--refit"]) == 0
     trial_calls = [kind for kind, run in predicted if run == 1]
     refit_calls = [kind for kind, run in predicted if run == 2]
     assert trial_calls == ["val", "val"]  # epoch 0 and the final evaluation; never the test split
