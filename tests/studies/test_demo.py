@@ -89,7 +89,8 @@ def test_demo_end_to_end_with_two_workers(tmp_path, monkeypatch):
                 "shike-fmnistlt-if100-s1"):
         for stage in ("representation epoch 1/1", "classifier epoch 1/1"):
             assert sum(line.startswith(f"{run} {stage}") and " eta " in line for line in lines) == 1, run
-    rows = [line.split("│")[1].strip() for line in done.stdout.splitlines() if line.startswith("│")]
+    table = done.stdout.split("where the time went")[0]  # the timing table below also has one line per run
+    rows = [line.split("│")[1].strip() for line in table.splitlines() if line.startswith("│")]
     assert rows == ["Plain", "SHIKE"]  # only the rows that ran
     assert done.stdout.count("SHIKE - Plain, ") == 2
     assert "ResNet-8 trunks" in done.stdout
