@@ -9,6 +9,10 @@ the first epoch its predecessor had not checkpointed (never from 0).
 
 The instants come from a test-only plugin (plugins_for_tests/pause_points.py) that pauses the process at a named
 point; the test then sends the signal from outside, as a user or a scheduler would.
+
+The three scenarios are independent (one MLflow experiment each) and spend their time waiting on their one-thread
+processes, so they run at once, each in a thread of the module's `scenarios` fixture, next to the reference run;
+each test waits for its own scenario, whose assertion errors it re-raises.
 """
 
 from __future__ import annotations
@@ -20,7 +24,10 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,11 +158,13 @@ class Reference:
     def __init__(self, home: Path) -> None:
         self.place = Place(home, "reference")
         self.process, self.events, self.stderr = launch(self.place, "run")
+        self.lock = threading.Lock()  # the scenarios ask for the result from their threads
 
     def result(self) -> tuple[dict, dict]:
-        assert self.process.wait(timeout=PROCESS_LIMIT_S) == 0, self.stderr.read_text()
-        assert [e["epoch"] for e in read_events(self.events) if e["event"] == "epoch"] == list(range(TOTAL))
-        return final_metrics(self.place), metric_history(self.place)
+        with self.lock:
+            assert self.process.wait(timeout=PROCESS_LIMIT_S) == 0, self.stderr.read_text()
+            assert [e["epoch"] for e in read_events(self.events) if e["event"] == "epoch"] == list(range(TOTAL))
+            return final_metrics(self.place), metric_history(self.place)
 
 
 @pytest.fixture(scope="module")
@@ -179,6 +188,9 @@ def final_metrics(place: Place) -> dict:
     return state(place)["metrics"]
 
 
+MLFLOW_READS = threading.Lock()  # one scenario thread at a time reads the store (each opens its own client)
+
+
 def client(place: Place):
     from mlflow.tracking import MlflowClient  # here: importing mlflow costs seconds at collection
 
@@ -186,16 +198,19 @@ def client(place: Place):
 
 
 def only_run(place: Place):
-    mlflow = client(place)
-    runs = mlflow.search_runs([mlflow.get_experiment_by_name(place.experiment).experiment_id])
+    with MLFLOW_READS:
+        mlflow = client(place)
+        runs = mlflow.search_runs([mlflow.get_experiment_by_name(place.experiment).experiment_id])
     assert len(runs) == 1, [r.info.run_name for r in runs]  # a resume continues its MLflow run, never a new one
     return runs[0]
 
 
 def metric_history(place: Place) -> dict[str, list[tuple[int, float]]]:
     run = only_run(place)
-    return {key: sorted((m.step, m.value) for m in client(place).get_metric_history(run.info.run_id, key))
-            for key in run.data.metrics}
+    with MLFLOW_READS:
+        mlflow = client(place)
+        return {key: sorted((m.step, m.value) for m in mlflow.get_metric_history(run.info.run_id, key))
+                for key in run.data.metrics}
 
 
 def assert_matches_reference(place: Place, reference: Reference) -> None:
@@ -218,7 +233,7 @@ def temporary_files(place: Place) -> list[str]:
     return [p.name for p in place.folder.glob("*.tmp")]
 
 
-def test_sigkill_at_random_points_then_resume_matches_an_uninterrupted_run(home, reference):
+def random_sigkills(home: Path, reference: Reference) -> None:
     plan = kill_plan(random.Random(SEED))
     place, started_at = Place(home, "killed"), 0
     for index, pause in enumerate(plan):
@@ -247,7 +262,7 @@ def assert_interrupted(run: Invocation, code: int, place: Place) -> None:
     assert (place.folder / "checkpoint.pt").is_file()
 
 
-def test_ctrl_c_and_sigterm_leave_a_resumable_killed_run(home, reference):
+def ctrl_c_then_sigterm(home: Path, reference: Reference) -> None:
     place = Place(home, "interrupted")
     ctrl_c = invoke(place, "sigint", "step:1:0", signal.SIGINT, resume=False)  # inside epoch 1; epoch 0 checkpointed
     assert_interrupted(ctrl_c, 130, place)
@@ -264,10 +279,32 @@ def test_ctrl_c_and_sigterm_leave_a_resumable_killed_run(home, reference):
     assert_matches_reference(place, reference)
 
 
-def test_sigkill_after_a_checkpoint_is_renamed_before_its_metrics_are_logged(home, reference):
+def sigkill_after_rename(home: Path, reference: Reference) -> None:
     place = Place(home, "written")
     killed = invoke(place, "kill", "written:1", signal.SIGKILL, resume=False)
     assert killed.returncode == -signal.SIGKILL
     last = invoke(place, "final")
     assert (last.returncode, last.start) == (0, 2), last.stderr
     assert_matches_reference(place, reference)
+
+
+SCENARIOS: tuple[Callable[[Path, Reference], None], ...] = (random_sigkills, ctrl_c_then_sigterm, sigkill_after_rename)
+
+
+@pytest.fixture(scope="module")
+def scenarios(home, reference) -> Iterator[dict[str, Future]]:
+    """Every scenario, started at once in its own thread; {name: future}. Leaving waits for them all."""
+    with ThreadPoolExecutor(len(SCENARIOS), thread_name_prefix="scenario") as pool:
+        yield {scenario.__name__: pool.submit(scenario, home, reference) for scenario in SCENARIOS}
+
+
+def test_sigkill_at_random_points_then_resume_matches_an_uninterrupted_run(scenarios):
+    scenarios["random_sigkills"].result()
+
+
+def test_ctrl_c_and_sigterm_leave_a_resumable_killed_run(scenarios):
+    scenarios["ctrl_c_then_sigterm"].result()
+
+
+def test_sigkill_after_a_checkpoint_is_renamed_before_its_metrics_are_logged(scenarios):
+    scenarios["sigkill_after_rename"].result()
