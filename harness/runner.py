@@ -226,6 +226,7 @@ class Run:
         params: dict[str, object] = {f"model.{k}": v for k, v in self.spec.model.architecture().items()}
         epochs = plan_epochs(self.spec.stages, self.cfg.train)
         params["plan.epochs"] = "+".join(map(str, epochs))
+        params["plan.peak_lrs"] = "+".join(f"{stage.peak_lr:g}" for stage in self.spec.stages)
         for stage, planned in zip(self.spec.stages, epochs):
             params[f"loss.{stage.name}"] = " + ".join(f"{t.weight:g}*{t.name}" for t in stage.losses)
             params[f"stage.{stage.name}.epochs"] = planned

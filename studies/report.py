@@ -166,6 +166,17 @@ def cross_setting_notes(table: TableSpec, matched: dict[str, tuple[str | None, f
             "not a reproduction gap." for (used, paper), labels in by_setting.items()]
 
 
+def recipe_line(runs: pd.DataFrame) -> str:
+    """Batch, augmentation and per-stage peak LRs ("batch 128; augment autoaugment; peak LRs 0.15+0.1; "), each
+    only where the runs logged it (runs from before `plan.peak_lrs` existed show no peaks)."""
+    parts = []
+    for label, name in (("batch", "optim.batch_size"), ("augment", "data.augment"), ("peak LRs", "plan.peak_lrs")):
+        values = _col(runs, f"params.{name}").dropna()
+        if not values.empty:
+            parts.append(f"{label} {_describe(values)}; ")
+    return "".join(parts)
+
+
 def protocol_line(runs: pd.DataFrame, table: TableSpec, matched: dict[str, tuple[str | None, float | None]]) -> str:
     """What the cells were measured under: data, profile, epochs, preset, seeds and the selection rule."""
     if runs.empty:
@@ -183,6 +194,7 @@ def protocol_line(runs: pd.DataFrame, table: TableSpec, matched: dict[str, tuple
     trunk = f"; ResNet-{_describe(depth)} trunks" if not depth.empty and set(depth.astype(str)) != {"32"} else ""
     return ("Protocol: " + "; ".join(dict.fromkeys(data)) + trunk +
             f"; profile {_describe(_col(runs, 'params.data.profile'))}; epochs {_describe(epochs)}; "
+            f"{recipe_line(runs)}"
             f"preset {_describe(_col(runs, 'params.preset'))}; "
             f"seeds {_describe(_col(runs, 'params.train.seed'), ',')}; test images per class {_describe(test)}; "
             f"selection: {SELECTION}; {len(runs)} runs. Paper: {table.protocol}")

@@ -81,6 +81,7 @@ def test_run_method_end_to_end_on_real_data(capsys, harness_home, one_torch_thre
     assert {"metrics.test/top1", "metrics.test/many", "metrics.test/few", "metrics.test/ece", "metrics.loss/ce",
             "metrics.loss/bsce", "metrics.lr"} <= set(runs.columns)
     assert run["params.plan.epochs"] == "1+1" and run["tags.manifest_hash"] and run["tags.git_commit"]
+    assert run["params.plan.peak_lrs"] == "0.15+0.1"  # representation, then the re-trained classifier
     assert run["tags.mlflow.runName"] == "plain-fmnistlt-if100-s0"
     details = Tracker().load_arrays(run["run_id"], "eval_details.npz")
     assert details["per_class_acc"].shape == (10,)

@@ -97,6 +97,7 @@ def test_demo_end_to_end_with_two_workers(tmp_path, monkeypatch):
     figure, table = tmp_path / "out" / "demo-fmnistlt-if100.png", tmp_path / "out" / "demo-fmnistlt-if100.md"
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "SHIKE" in table.read_text() and "Plain" in table.read_text()
+    assert "; batch 32; augment basic; peak LRs 0.075+0.05;" in table.read_text()  # the demo's recipe, said
     assert "harness ui" in done.stderr and "http://127.0.0.1:5000" in done.stderr
 
     from harness.tracking import Tracker

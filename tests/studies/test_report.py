@@ -118,6 +118,18 @@ def test_protocol_reads_the_planned_epochs_and_falls_back_for_old_runs():
     assert "epochs 180+20 / 2+1;" in build_report(pd.DataFrame([new, run("plain", 1, 52.0)]), TABLE4).protocol
 
 
+def test_protocol_names_batch_augmentation_and_peak_lrs_where_runs_logged_them():
+    official = {**run("plain", 0, 50.0), "params.optim.batch_size": "128", "params.data.augment": "autoaugment",
+                "params.plan.peak_lrs": "0.15+0.1"}
+    demo = {**run("plain", 1, 52.0), "params.optim.batch_size": "32", "params.data.augment": "basic",
+            "params.plan.peak_lrs": "0.075+0.05"}
+    assert "; batch 128; augment autoaugment; peak LRs 0.15+0.1; preset" in \
+        build_report(pd.DataFrame([official]), TABLE4).protocol
+    mixed = build_report(pd.DataFrame([official, demo]), TABLE4).protocol  # distinct values, sorted
+    assert "; batch 32 / 128; augment autoaugment / basic; peak LRs 0.075+0.05 / 0.15+0.1;" in mixed
+    assert "peak LRs" not in build_report(pd.DataFrame([run("plain", 0, 50.0)]), TABLE4).protocol
+
+
 def test_a_difference_measured_on_other_data_is_flagged_and_matching_data_is_not():
     stand_in = build_report(pd.DataFrame([run("plain", 0, 50.0)]), TABLE4)
     assert "Acc: measured on fmnistlt IF 100, the paper on cifar100lt IF 100; Δ is a cross-setting comparison" \
