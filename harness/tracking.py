@@ -216,6 +216,12 @@ class Tracker:
         self._client: MlflowClient | None = None
         self._spools: dict[str, Spool] = {}  # run id -> spool, once the server went away during that run
 
+    def store_dir(self) -> Path:
+        """The folder of a SQLite store's file (its artifacts go beside it, so `--tracking-uri sqlite:///x/m.db` keeps
+        everything under x/); the harness's runs folder for an in-memory store."""
+        db = self.uri.removeprefix("sqlite:///") if self.uri.startswith("sqlite:///") else ""
+        return Path(db).resolve().parent if db and db != ":memory:" else runs_dir()
+
     @property
     def client(self) -> MlflowClient:
         """Created on first use, so a command that fails its input checks writes no store."""
@@ -261,7 +267,7 @@ class Tracker:
             found = self.client.get_experiment_by_name(name)
             if found is not None:
                 return found.experiment_id
-            location = (runs_dir() / "artifacts" / name.replace("/", "_")).as_uri() if self.local else None
+            location = (self.store_dir() / "artifacts" / name.replace("/", "_")).as_uri() if self.local else None
             try:
                 return self.client.create_experiment(name, artifact_location=location)
             except Exception as error:

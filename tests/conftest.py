@@ -21,7 +21,19 @@ pytest_plugins = ["pytester"]  # tests/test_suite_policy.py runs the hooks below
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ["DO_NOT_TRACK"] = "true"
 os.environ.pop("MLFLOW_TRACKING_URI", None)
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def torch_threads() -> int:
+    """Two torch threads for a lone session; one per pytest-xdist worker (PYTEST_XDIST_WORKER_COUNT), so that the
+    workers together use the cores once instead of oversubscribing them (OpenMP threads that wait for a busy core
+    stall for seconds per step). Subprocesses a worker starts inherit OMP_NUM_THREADS=1 likewise."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return max(1, min(2, (os.cpu_count() or 1) // workers))
+
+
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(torch_threads())
+torch.set_num_threads(torch_threads())
 
 MEMORY_TEMP_ROOT = Path("/dev/shm")
 MEMORY_TEMP_MIN_FREE = 2 * 2**30  # a full session writes a few MB; Docker's default 64 MB /dev/shm is left alone
@@ -61,11 +73,54 @@ def one_torch_thread():
 SLOW_TIMEOUT_S = 1200  # the ini's `timeout` (300 s) is for the rest
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Slow tests get SLOW_TIMEOUT_S unless they carry their own @pytest.mark.timeout."""
+# Under pytest-xdist (`-n 2 --dist loadgroup`, the README's test command): the longest tests, measured with
+# --durations, are handed out first, then the other slow tests, then the rest, so that no worker is left running a
+# long test alone at the end; the order changes nothing else.
+LONGEST_FIRST = (
+    "tests/studies/test_demo.py::test_sigterm_stops_every_worker_and_resume_runs_only_the_rest",
+    "tests/harness/test_kill_resume.py",
+    "tests/harness/test_plugins.py::test_an_installed_plugin_package_works_through_every_command",
+    "tests/studies/test_tune_postgres.py",
+    "tests/studies/test_demo.py::test_demo_end_to_end_with_two_workers",
+    "tests/harness/test_faults.py::test_server_lost_mid_run_spools_every_step_and_replay_delivers_each_once",
+    "tests/harness/test_plugins.py::test_a_plugin_module_named_by_flag_reaches_the_main_process_and_the_workers",
+    "tests/harness/test_cli.py::test_sigkill_then_resume_matches_an_uninterrupted_run",
+    "tests/bench/test_bench_cli.py::test_cli_bench_gpu_quick_runs_both_child_kinds",
+)
+# Modules whose tests share a costly module- or session-scoped fixture run on one worker (an xdist_group each), so
+# that the fixture is built once, not once per worker: the kill/resume scenarios with their reference run, trained
+# runs read by several tests, one `mlflow server` for the server and browser tests.
+SHARED_FIXTURE_GROUPS = {
+    "tests/harness/test_kill_resume.py": "kill-resume",
+    "tests/harness/test_resume.py": "resume",
+    "tests/studies/test_report.py": "report",
+    "tests/studies/test_figures.py": "figures",
+    "tests/studies/test_mlflow_server.py": "mlflow-server",
+    "tests/studies/test_ui_browser.py": "mlflow-server",
+}
+
+
+def schedule_rank(item: pytest.Item) -> int:
+    for rank, prefix in enumerate(LONGEST_FIRST):
+        if item.nodeid == prefix or item.nodeid.startswith(prefix + "::"):
+            return rank
+    return len(LONGEST_FIRST) + (0 if item.get_closest_marker("slow") else 1)
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the xdist_group marks
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Slow tests get SLOW_TIMEOUT_S unless they carry their own @pytest.mark.timeout. In a pytest-xdist worker:
+    the longest tests first, and the modules of SHARED_FIXTURE_GROUPS kept together."""
     for item in items:
         if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
             item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
+    if not hasattr(config, "workerinput"):  # not an xdist worker (nor a pytester session inside one)
+        return
+    items.sort(key=schedule_rank)  # stable: collection order within a rank; every worker sorts the same way
+    for item in items:
+        group = SHARED_FIXTURE_GROUPS.get(item.nodeid.split("::")[0])
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 REQUIRED_MARKS = frozenset({"server", "browser"})  # every prerequisite of these is installed by scripts/setup.sh

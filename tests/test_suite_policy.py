@@ -89,3 +89,16 @@ def test_slow_with_its_own_timeout():
     result.assert_outcomes(passed=1, failed=2)
     result.stdout.fnmatch_lines(["*FAILED test_inner.py::test_unmarked*",
                                  "*FAILED test_inner.py::test_slow_with_its_own_timeout*"])
+
+
+def test_the_scheduling_lists_name_tests_that_exist(request: pytest.FixtureRequest):
+    """LONGEST_FIRST and SHARED_FIXTURE_GROUPS (tests/conftest.py, used under `pytest -n 2`) name real test files and
+    functions: a renamed test would otherwise lose its place silently (handed out last, or its shared fixture built
+    once per worker)."""
+    root = Path(__file__).parent
+    (conftest,) = [plugin for plugin in request.config.pluginmanager.get_plugins()
+                   if getattr(plugin, "__file__", None) == str(root / "conftest.py")]
+    for name in [*conftest.LONGEST_FIRST, *conftest.SHARED_FIXTURE_GROUPS]:
+        path, _, function = name.partition("::")
+        source = (root.parent / path).read_text()
+        assert not function or f"\ndef {function}(" in source, name
