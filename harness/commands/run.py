@@ -37,7 +37,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_run_options(ablation)
     ablation.set_defaults(func=run_ablation)
     demo = subparsers.add_parser("demo", help="the main job on the embedded default: Table 4's Plain and SHIKE rows "
-                                              "on Fashion-MNIST-LT IF 100, several seeds, about 13 minutes on 2 cores")
+                                              "on Fashion-MNIST-LT IF 100, three seeds each, about 7 minutes on 2 cores")
     demo.add_argument("--epochs", default=None, help="stage epochs E1+E2 (default: the measured demo schedule)")
     demo.add_argument("--seeds", type=seed_list, default=None, help="training seeds, comma-separated (default 0,1,2)")
     demo.add_argument("--rows", default=None, help="Table 4 rows, the first is the baseline (default plain,shike)")
