@@ -201,6 +201,19 @@ SENDERS = {"metrics": _send_metrics, "params": _send_params, "tags": _send_tags,
            "file": _send_file, "end": _send_end}
 
 
+def sqlite_file(uri: str) -> Path | None:
+    """The SQLite file of a `sqlite:///PATH` store; None for an in-memory or non-SQLite store."""
+    db = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else ""
+    return Path(db) if db and db != ":memory:" else None
+
+
+def store_dir(uri: str) -> Path:
+    """The folder of a SQLite store's file: its artifacts and the Optuna study go beside it, so `--tracking-uri
+    sqlite:///x/m.db` keeps everything under x/; the harness's runs folder for any other store."""
+    db = sqlite_file(uri)
+    return db.resolve().parent if db else runs_dir()
+
+
 class Tracker:
     """Thin wrapper over MlflowClient with the harness's conventions.
 
@@ -216,22 +229,16 @@ class Tracker:
         self._client: MlflowClient | None = None
         self._spools: dict[str, Spool] = {}  # run id -> spool, once the server went away during that run
 
-    def store_dir(self) -> Path:
-        """The folder of a SQLite store's file (its artifacts go beside it, so `--tracking-uri sqlite:///x/m.db` keeps
-        everything under x/); the harness's runs folder for an in-memory store."""
-        db = self.uri.removeprefix("sqlite:///") if self.uri.startswith("sqlite:///") else ""
-        return Path(db).resolve().parent if db and db != ":memory:" else runs_dir()
-
     @property
     def client(self) -> MlflowClient:
         """Created on first use, so a command that fails its input checks writes no store."""
         if self._client is None:
             mlflow = _mlflow()
-            db = self.uri.removeprefix("sqlite:///") if self.uri.startswith("sqlite:///") else ""
-            if not db or db == ":memory:":
+            db = sqlite_file(self.uri)
+            if db is None:
                 self._client = mlflow.tracking.MlflowClient(tracking_uri=self.uri)
             else:
-                self._client = self._open_sqlite(mlflow, Path(db))
+                self._client = self._open_sqlite(mlflow, db)
         return self._client
 
     def _open_sqlite(self, mlflow: ModuleType, db: Path) -> MlflowClient:
@@ -267,7 +274,7 @@ class Tracker:
             found = self.client.get_experiment_by_name(name)
             if found is not None:
                 return found.experiment_id
-            location = (self.store_dir() / "artifacts" / name.replace("/", "_")).as_uri() if self.local else None
+            location = (store_dir(self.uri) / "artifacts" / name.replace("/", "_")).as_uri() if self.local else None
             try:
                 return self.client.create_experiment(name, artifact_location=location)
             except Exception as error:

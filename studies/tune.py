@@ -37,7 +37,7 @@ from harness.runner import Run, RunResult, build_data
 from harness.seeding import derive_seed
 from harness.studies.search_space import Param
 from harness.studies.settings import RunSettings
-from harness.tracking import Tracker, runs_dir
+from harness.tracking import Tracker, runs_dir, store_dir
 from harness.trainer import NonFiniteLoss
 
 Study = optuna.Study  # for annotations elsewhere, so that this stays the only module importing optuna
@@ -94,8 +94,7 @@ class TunePlan:
 
 def default_storage(tracking_uri: str) -> str:
     """SQLite next to the MLflow store (`<runs>/optuna.db`)."""
-    folder = Path(tracking_uri.removeprefix("sqlite:///")).parent if tracking_uri.startswith("sqlite:///") \
-        else runs_dir()
+    folder = store_dir(tracking_uri)
     folder.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{folder / 'optuna.db'}"
 
