@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # harness.method imports torch; the command line reads this m
     from harness.method import Stage
 
 # The fields of a Stage that `--set stage.<name>.<field>=value` may override (type-checked like other keys).
-STAGE_OVERRIDES = ("epochs", "peak_lr", "warmup_epochs", "schedule", "freeze_bn")
+STAGE_OVERRIDES = ("epochs", "peak_lr", "warmup_epochs", "schedule", "freeze_bn", "sampler", "weight_decay", "mixup")
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "shike-code-literal": {"method.alpha": 10.0, "method.beta": 1.0, "method.kl_reduction": "mean"},
     # The paper's wording where it differs: linear heads, lr 0.05 cosine to 0 restarted, (C-1)-way DKT.
     "shike-paper": {"optim.schedule": "paper", "method.head": "linear", "method.dkt_variant": "paper"},
+    # Each method's own published CIFAR-100-LT recipe: what its builder declares with `own_recipe` (batch, weight
+    # decay, augmentation, ...) plus `method.recipe=own` (its own stages: epochs, LR schedule, samplers).
+    "own": {},
 }
 
 
@@ -195,6 +198,8 @@ def _stage_value(key: str, name: str, raw: Any) -> Any:
     from harness.method import Stage
 
     default = {f.name: f.default for f in fields(Stage)}[field_name]
+    if field_name == "weight_decay":  # None in the Stage (follow optim.weight_decay); a float when set
+        default = 0.0
     return _coerce(key, raw, default) if default is not None else str(raw)
 
 
@@ -232,9 +237,11 @@ def resolve_config(
 
     if preset not in PRESETS:
         raise HarnessError(f"unknown preset '{preset}'; known presets: {', '.join(sorted(PRESETS))}")
-    defaults = builder_defaults(METHODS.get(method))
+    builder = METHODS.get(method)
+    defaults = builder_defaults(builder)
     cfg = replace(base or RunConfig(), method=method, preset=preset, method_args=tuple(sorted(defaults.items())))
-    cfg = apply_overrides(cfg, {**BASE, **PRESETS[preset]}, defaults, strict_method=False)
+    cfg = apply_overrides(cfg, {**BASE, **PRESETS[preset], **preset_for(builder, method, preset)}, defaults,
+                          strict_method=False)
     flags = {"data.dataset": dataset, "data.imbalance_factor": imbalance_factor, "train.seed": seed,
              "train.device": device, "data.data_root": data_root, "data.download": download}
     explicit: dict[str, Any] = {k: v for k, v in flags.items() if v is not None}
@@ -245,6 +252,17 @@ def resolve_config(
         overrides = parse_assignments(overrides)
     explicit.update(overrides or {})
     return apply_overrides(cfg, explicit, defaults)
+
+
+def preset_for(builder: Callable[..., Any], method: str, preset: str) -> dict[str, Any]:
+    """The method-specific part of a preset: for "own", the builder's declared recipe and `method.recipe=own`."""
+    if preset != "own":
+        return {}
+    recipe = getattr(builder, "own_recipe", None)
+    if recipe is None:
+        raise HarnessError(f"method '{method}' declares no recipe of its own; run it with a SHIKE preset "
+                           "(--preset shike-code)")
+    return {**recipe, "method.recipe": "own"}
 
 
 def flatten(cfg: RunConfig) -> dict[str, Any]:

@@ -22,6 +22,7 @@ class Predictions:
     logits: torch.Tensor  # (N, C) float32, what inference uses
     expert_logits: torch.Tensor  # (M, N, C) float32
     labels: torch.Tensor  # (N,)
+    features: torch.Tensor | None = None  # (M, N, D) pooled features, when asked for
 
 
 def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
@@ -33,7 +34,7 @@ def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
 
 @torch.no_grad()
 def predict(model: LTModel, split: Split, mean, std, device: torch.device, batch_size: int = 0,
-            autocast: bool = False) -> Predictions:
+            autocast: bool = False, features: bool = False) -> Predictions:
     """Forward the whole split in eval mode (BN running statistics), restoring the model's mode afterwards.
 
     The split may already live on `device` (the fast path keeps it there); results stay on `device` too, so a
@@ -42,7 +43,7 @@ def predict(model: LTModel, split: Split, mean, std, device: torch.device, batch
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     was_training = model.training
     model.eval()
-    logits, experts = [], []
+    logits, experts, pooled = [], [], []
     try:
         images = split.images.to(device, non_blocking=True)
         for start in range(0, len(split), batch_size):
@@ -51,9 +52,14 @@ def predict(model: LTModel, split: Split, mean, std, device: torch.device, batch
                 out = model(x)
             logits.append(out.logits.float())
             experts.append(out.expert_logits.float())
+            if features:
+                if out.features is None:
+                    raise ValueError(f"{type(model).__name__} returns no features")
+                pooled.append(out.features.float())
     finally:
         model.train(was_training)
-    return Predictions(torch.cat(logits), torch.cat(experts, dim=1), split.labels.to(device))
+    return Predictions(torch.cat(logits), torch.cat(experts, dim=1), split.labels.to(device),
+                       torch.cat(pooled, dim=1) if features else None)
 
 
 def per_class_accuracy(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:

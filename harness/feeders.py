@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from harness.data import Augmentations, Split
 from harness.errors import HarnessError
+from harness.samplers import Draw
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -49,13 +50,15 @@ class ReferenceFeeder:
     def __len__(self) -> int:
         return -(-len(self.dataset) // self.batch_size)
 
-    def epoch(self, seed: int) -> Iterator[Batch]:
+    def epoch(self, seed: int, draw: Draw | None = None) -> Iterator[Batch]:
+        """`draw`: a stage sampler's (labels, generator) -> indices; None shuffles every image once."""
         # Transforms draw from torch's global RNG (num_workers=0) or from worker seeds derived from the
         # loader's generator: seeding both per epoch makes every epoch replayable on resume.
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
-        loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True, drop_last=False,
-                            num_workers=self.num_workers, generator=generator,
+        order = None if draw is None else draw(self.dataset.labels, generator).tolist()
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=order is None, sampler=order,
+                            drop_last=False, num_workers=self.num_workers, generator=generator,
                             pin_memory=self.device.type == "cuda", persistent_workers=False)
         for images, labels in loader:
             yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
@@ -74,9 +77,10 @@ class DeviceFeeder:
     def __len__(self) -> int:
         return -(-len(self.labels) // self.batch_size)
 
-    def epoch(self, seed: int) -> Iterator[Batch]:
+    def epoch(self, seed: int, draw: Draw | None = None) -> Iterator[Batch]:
         self.generator.manual_seed(seed)
-        order = torch.randperm(len(self.labels), device=self.device, generator=self.generator)
+        order = (torch.randperm(len(self.labels), device=self.device, generator=self.generator) if draw is None
+                 else draw(self.labels, self.generator))
         # channels_last once per epoch, so the per-step batches are already in the model's memory format
         images = self.augment(self.images[order], self.generator).contiguous(memory_format=torch.channels_last)
         labels = self.labels[order]

@@ -41,6 +41,10 @@ class LTModel(nn.Module):
         lines runs of different methods up on the same keys."""
         return {}
 
+    def classifiers(self) -> list[nn.Module]:
+        """The active head set, one classifier per expert (post-hoc steps such as tau-norm read their weights)."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its classifiers")
+
     def inference_parameter_count(self) -> int:
         """Parameters used at inference: everything except the head groups not active."""
         groups = self.parameter_groups()
@@ -53,6 +57,47 @@ class LossTermModule(nn.Module):
 
     def forward(self, out: ModelOutput, target: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def start_epoch(self, epoch: int, epochs: int) -> None:
+        """Called by the trainer before epoch `epoch` (0-based) of a stage `epochs` long: a term whose weights change
+        with the epoch (deferred re-weighting, annealed coefficients) sets its buffers here, as a function of the
+        epoch alone, so a resumed run sees the same values. Its buffers are saved in every checkpoint."""
+
+
+class Constraint(nn.Module):
+    """A projection applied to the model after optimizer steps (MaxNorm, say), `every` "step" or "epoch".
+    `begin` runs when its stage starts from its first epoch (thresholds taken from the weights then); its buffers
+    are saved in every checkpoint, so a resumed stage keeps the thresholds of its start."""
+
+    every: str = "step"
+
+    def begin(self, model: LTModel) -> None:
+        pass
+
+    def apply(self, model: LTModel) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class PostHoc(nn.Module):
+    """A step after the last stage that changes how the trained model predicts and never trains it (tau-norm, NCM,
+    post-hoc logit adjustment). `fit` runs once on the trained model (`train_features` is a non-augmented pass over
+    the training split when `needs_train_features`); `forward` maps every prediction of the final evaluation."""
+
+    needs_train_features: bool = False
+
+    def fit(self, model: LTModel, train_features: TrainFeatures | None) -> None:
+        pass
+
+    def forward(self, model: LTModel, out: ModelOutput) -> ModelOutput:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+@dataclass
+class TrainFeatures:
+    """Pooled features (M, N, D) of the training split in eval mode without augmentation, and its labels (N,)."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -73,9 +118,16 @@ class Stage:
     stage of a method by E / (sum of its stages' epochs); `train.stage_epochs="E1+E2"` sets them one by one.
     peak_lr / warmup_epochs: the `code` schedule (official warm-up then cosine, restarted per stage).
     schedule: "code" or "paper" for this stage; None follows `optim.schedule` (the preset's choice).
+    schedule "step" (LDAM-DRW's recipe): linear warm-up to the peak over `warmup_epochs` ((e+1)/W of it), then the
+    peak times the factor of every (fraction, factor) in `lr_steps` whose epoch round(fraction * epochs) has passed.
     trainable: the parameter groups that train; everything else is frozen (requires_grad False).
     head: the classifier set used in this stage and afterwards at evaluation.
     freeze_bn: BN layers in eval mode during this stage (the official code keeps them updating).
+    sampler: how the stage draws its training images (`harness.samplers`): instance (every image once per epoch),
+    class-balanced, square-root, progressive (instance -> class-balanced over the stage); epochs stay N images long.
+    weight_decay: this stage's weight decay; None keeps `optim.weight_decay`.
+    mixup: alpha of mixup (Beta(alpha, alpha) per batch, images mixed, every term the mixed criterion); 0 is off.
+    constraints: projections applied after optimizer steps (`Constraint`).
     """
 
     name: str
@@ -87,6 +139,11 @@ class Stage:
     trainable: tuple[str, ...] = ("backbone", "head")
     head: str = "head"
     freeze_bn: bool = False
+    sampler: str = "instance"
+    weight_decay: float | None = None
+    mixup: float = 0.0
+    lr_steps: tuple[tuple[float, float], ...] = ()
+    constraints: tuple[Constraint, ...] = ()
 
 
 @dataclass
@@ -96,3 +153,16 @@ class MethodSpec:
     model: LTModel
     stages: tuple[Stage, ...]
     notes: dict[str, str] = field(default_factory=dict)
+    posthoc: tuple[PostHoc, ...] = ()
+
+
+def own_recipe(**overrides: object):
+    """Declare the config half of a builder's own published recipe (`optim.batch_size`, `data.augment`, ...), applied
+    by `--preset own`, which also sets the builder's `recipe` switch to "own" so its stages take their own epochs and
+    LR schedule. Without `--preset own` every method runs on SHIKE's recipe, for a like-for-like table."""
+
+    def attach(builder):
+        builder.own_recipe = {key.replace("__", "."): value for key, value in overrides.items()}
+        return builder
+
+    return attach

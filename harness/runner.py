@@ -27,6 +27,7 @@ from harness.feeders import make_feeder
 from harness.hooks import Hook
 from harness.method import MethodSpec
 from harness.naming import checkpoint_dir
+from harness.posthoc import fit_posthoc
 from harness.progress import progress_hook
 from harness.registry import DATASETS, METHODS
 from harness.seeding import seed_everything, set_deterministic
@@ -181,6 +182,7 @@ class Run:
             _to_device(self.data.val, self.device) if on_device else self.data.val)
         seed_everything(self.cfg.train.seed)  # model init does not depend on how the data was built
         self.spec = build_method(self.cfg, self.data)
+        self.predictor: torch.nn.Module = self.spec.model  # the final evaluation's model: + post-hoc steps
         self.evaluator = Evaluator(self.data.class_counts, self.data.mean, self.data.std, self.device,
                                    autocast=self.cfg.train.amp and self.device.type == "cuda")
 
@@ -195,7 +197,7 @@ class Run:
             if split is None or (name == "test" and not self.cfg.train.eval_test):
                 continue
             if full:
-                metrics, split_details = self.evaluator.full(self.spec.model, split)
+                metrics, split_details = self.evaluator.full(self.predictor, split)
                 details = details if details is not None else split_details  # test first; val in tuning trials
             else:
                 metrics = self.evaluator.quick(self.spec.model, split)
@@ -232,6 +234,17 @@ class Run:
             params[f"stage.{stage.name}.epochs"] = planned
             params[f"stage.{stage.name}.lr"] = (f"{stage.schedule or self.cfg.optim.schedule} peak {stage.peak_lr:g} "
                                                 f"warm-up {stage.warmup_epochs}")
+            params[f"stage.{stage.name}.sampler"] = stage.sampler
+            params[f"stage.{stage.name}.trains"] = ",".join(stage.trainable)
+            if stage.lr_steps:
+                params[f"stage.{stage.name}.lr_steps"] = ",".join(f"{f:g}:{v:g}" for f, v in stage.lr_steps)
+            if stage.weight_decay is not None:
+                params[f"stage.{stage.name}.weight_decay"] = stage.weight_decay
+            if stage.mixup:
+                params[f"stage.{stage.name}.mixup"] = stage.mixup
+            if stage.constraints:
+                params[f"stage.{stage.name}.constraints"] = ",".join(type(c).__name__ for c in stage.constraints)
+        params["posthoc"] = ",".join(type(step).__name__ for step in self.spec.posthoc) or "none"
         return params
 
     def log_final(self, metrics: dict[str, float], wall: float, total_epochs: int) -> None:
@@ -268,6 +281,9 @@ class Run:
             clock = time.perf_counter()
             trainer.fit(resume=resume_state is not None)
             timings["train_s"] = time.perf_counter() - clock
+            if not trainer.stop_reason:
+                self.predictor = fit_posthoc(self.spec.model, self.spec.posthoc, self.data.train, self.data.mean,
+                                             self.data.std, self.device)
             if trainer.stop_reason:
                 tracking.flush()
                 self.tracker.end(self.run_id, "KILLED")

@@ -1,7 +1,9 @@
 """The stage loop. It knows stages, loss terms and parameter groups; it never knows a method's name.
 
-Per stage: choose the head set, freeze everything outside `stage.trainable`, build a fresh SGD and the stage's LR
-schedule, then for each epoch sum the weighted loss terms and log each term by name (`loss/<name>`, unweighted).
+Per stage: choose the head set, freeze everything outside `stage.trainable`, build a fresh SGD (the stage's weight
+decay) and its LR schedule; then for each epoch let the loss terms set their epoch's weights (`start_epoch`), draw
+the epoch from the stage's sampler, sum the weighted loss terms (mixed criterion under mixup), apply the stage's
+constraints after each step or epoch, and log each term by name (`loss/<name>`, unweighted).
 Loss sums stay on the device during the epoch and are read once at its end (no per-step host syncs).
 A checkpoint is written atomically after every epoch; `resume` continues from it to the same result.
 """
@@ -23,6 +25,7 @@ from harness.config import RunConfig, plan_epochs
 from harness.errors import HarnessError
 from harness.hooks import Hook
 from harness.method import MethodSpec, Stage
+from harness.samplers import make_draw
 from harness.schedules import stage_lr
 from harness.seeding import derive_seed
 
@@ -64,8 +67,9 @@ def enter_stage(spec: MethodSpec, stage: Stage, cfg: RunConfig) -> torch.optim.O
             p.requires_grad_(name in stage.trainable)
     trainable = [p for name in stage.trainable for p in groups[name]]
     o = cfg.optim
+    weight_decay = o.weight_decay if stage.weight_decay is None else stage.weight_decay
     fused = trainable[0].device.type == "cuda"  # one optimizer kernel per step on CUDA; foreach on CPU
-    return torch.optim.SGD(trainable, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+    return torch.optim.SGD(trainable, lr=o.lr, momentum=o.momentum, weight_decay=weight_decay,
                            fused=fused or None, foreach=None if fused else True)
 
 
@@ -98,6 +102,10 @@ class Trainer:
         self.spec, self.cfg, self.feeder, self.device = spec, cfg, feeder, device
         self.checkpoint_path, self.hooks = checkpoint_path, list(hooks)
         self.losses = nn.ModuleList([term.fn for stage in spec.stages for term in stage.losses]).to(device)
+        # Everything with state besides the model and optimizer (loss buffers such as DRW weights, constraint
+        # thresholds): saved in each checkpoint.
+        constraints = [c for stage in spec.stages for c in stage.constraints]
+        self.state = nn.ModuleList([self.losses, *constraints]).to(device)
         self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         self.spec.model.to(device, memory_format=self.memory_format)
         self.autocast = cfg.train.amp and device.type == "cuda"
@@ -119,15 +127,22 @@ class Trainer:
         for hook in self.hooks:
             getattr(hook, event)(self, *args)
 
-    def forward_losses(self, stage_index: int, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward_losses(self, stage_index: int, images: torch.Tensor, labels: torch.Tensor,
+                       mix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Forward pass and every loss term of the stage: returns (term values..., weighted total) stacked.
+        `mix` = (lambda, partner labels): the images are already mixed; each term is the mixed criterion
+        lambda * term(y) + (1 - lambda) * term(y_partner).
         This is the part `train.compile` hands to torch.compile (one graph per stage; no host syncs inside)."""
         stage = self.stages[stage_index].stage
         images = images.contiguous(memory_format=self.memory_format)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             out = self.spec.model(images)
         out.logits, out.expert_logits = out.logits.float(), out.expert_logits.float()
-        values = [term.fn(out, labels) for term in stage.losses]
+        if mix is None:
+            values = [term.fn(out, labels) for term in stage.losses]
+        else:
+            lam, partner = mix
+            values = [lam * term.fn(out, labels) + (1 - lam) * term.fn(out, partner) for term in stage.losses]
         total = values[0] * stage.losses[0].weight
         for term, value in zip(stage.losses[1:], values[1:]):
             total = total + term.weight * value
@@ -135,30 +150,48 @@ class Trainer:
 
     def step(self, stage_index: int, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
              sums: torch.Tensor) -> None:
+        stage = self.stages[stage_index].stage
         optimizer.zero_grad(set_to_none=True)  # before the forward: old gradients are not alive during it
+        mix = None
+        if stage.mixup > 0:  # Zhang et al. 2018: one lambda per batch, a random partner per image
+            lam = torch.distributions.Beta(stage.mixup, stage.mixup).sample().to(images.device)
+            partner = torch.randperm(len(labels), device=images.device)
+            images = lam * images + (1 - lam) * images[partner]
+            mix = (lam, labels[partner])
         try:
-            values = self.loss_step(stage_index, images, labels)
+            values = self.loss_step(stage_index, images, labels, mix)
         except Exception as error:  # "torch.compile where it works": a failed compile falls back to eager
             if self.loss_step == self.forward_losses:
                 raise
             log.warning("torch.compile failed (%s: %s); continuing in eager mode", type(error).__name__, error)
             self.loss_step = self.forward_losses
-            values = self.loss_step(stage_index, images, labels)
+            values = self.loss_step(stage_index, images, labels, mix)
         values[-1].backward()
         optimizer.step()
+        self.constrain(stage, "step")
         sums += values.detach() * len(labels)
+
+    def constrain(self, stage: Stage, every: str) -> None:
+        for constraint in stage.constraints:
+            if constraint.every == every:
+                constraint.apply(self.spec.model)
 
     def run_epoch(self, run: StageRun, optimizer: torch.optim.Optimizer, epoch: int) -> dict[str, float]:
         lr = stage_lr(run.stage, self.cfg.optim.schedule, self.cfg.optim.lr, epoch, run.epochs)
         for group in optimizer.param_groups:
             group["lr"] = lr
         set_train_mode(self.spec.model, run.stage.freeze_bn)
+        for term in run.stage.losses:
+            term.fn.start_epoch(epoch, run.epochs)
         sums = torch.zeros(len(run.stage.losses) + 1, device=self.device)
         seen = 0
-        for images, labels in self.feeder.epoch(derive_seed(self.cfg.train.seed, run.index, epoch)):
+        seed = derive_seed(self.cfg.train.seed, run.index, epoch)
+        torch.manual_seed(seed)  # what the step draws (mixup, noisy losses) replays on resume, as the feeder does
+        for images, labels in self.feeder.epoch(seed, make_draw(run.stage.sampler, epoch, run.epochs)):
             self.step(run.index, optimizer, images, labels, sums)
             seen += len(labels)
             self._call("after_step")
+        self.constrain(run.stage, "epoch")
         means = (sums / max(seen, 1)).tolist()  # the one host sync of the epoch
         names = [f"loss/{t.name}" for t in run.stage.losses] + ["loss/total"]
         metrics = dict(zip(names, means))
@@ -176,6 +209,8 @@ class Trainer:
             state = load_checkpoint(self.checkpoint_path)
             if state is not None:
                 self.spec.model.load_state_dict(state["model"])
+                if "state" in state:
+                    self.state.load_state_dict(state["state"])
                 start_stage, start_epoch, optimizer_state = state["stage"], state["epoch"], state["optimizer"]
         self.start = (start_stage, start_epoch)
         self._call("before_train")
@@ -184,6 +219,9 @@ class Trainer:
             first = start_epoch if run.index == start_stage else 0
             if optimizer_state is not None and run.index == start_stage:
                 optimizer.load_state_dict(optimizer_state)
+            if first == 0:
+                for constraint in run.stage.constraints:
+                    constraint.begin(self.spec.model)
             self.first_epoch = first
             self._call("before_stage", run)
             for epoch in range(first, run.epochs):
@@ -200,5 +238,6 @@ class Trainer:
         if self.checkpoint_path is None:
             return
         save_checkpoint(self.checkpoint_path, {"model": self.spec.model.state_dict(), "stage": stage_index,
-                                               "epoch": next_epoch, "optimizer": optimizer.state_dict()})
+                                               "epoch": next_epoch, "optimizer": optimizer.state_dict(),
+                                               "state": self.state.state_dict()})
         self._call("after_checkpoint")

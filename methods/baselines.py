@@ -5,42 +5,49 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from harness.method import LossTerm, LossTermModule, MethodSpec, Stage
+from harness.method import LossTerm, LossTermModule, MethodSpec, Stage, own_recipe
 from harness.methods.losses import BalancedSoftmaxCE, ExpertCE, LogitAdjustedCE
 from harness.methods.models.moe import build_expert_resnet
+from harness.methods.recipes import LDAM, RECIPE_A, SHIKE_SINGLE, pick
 from harness.methods.shike import classifier_retraining
 from harness.registry import METHODS
 
 
 def _one_stage(num_classes: int, term: LossTermModule, name: str, head: str, scale: float, shortcut: str,
-               depth: int):
+               depth: int, recipe: str):
     model = build_expert_resnet(num_classes=num_classes, experts=1, dkf=False, shortcut=shortcut, head=head,
                                 scale=scale, retrain_head=False, depth=depth)
-    return MethodSpec(model, (Stage("end-to-end", (LossTerm(name, 1.0, term),), epochs=200, peak_lr=0.15),))
+    return MethodSpec(model, (Stage("end-to-end", (LossTerm(name, 1.0, term),), **pick(recipe, SHIKE_SINGLE, LDAM)),))
 
 
 @METHODS.register("ce")
+@own_recipe(**RECIPE_A)
 def ce(*, num_classes: int, class_counts: Sequence[int], head: str = "linear", scale: float = 30.0,
-       shortcut: str = "B", depth: int = 32) -> MethodSpec:
+       shortcut: str = "B", depth: int = 32, recipe: str = "shike") -> MethodSpec:
     """Plain ResNet-32 with instance-balanced cross-entropy, one stage (the whole budget, 200 epochs by default)."""
-    return _one_stage(num_classes, ExpertCE(), "ce", head, scale, shortcut, depth)
+    return _one_stage(num_classes, ExpertCE(), "ce", head, scale, shortcut, depth, recipe)
 
 
 @METHODS.register("bsce")
+@own_recipe(**RECIPE_A)
 def bsce(*, num_classes: int, class_counts: Sequence[int], head: str = "linear", scale: float = 30.0,
-         shortcut: str = "B", depth: int = 32) -> MethodSpec:
+         shortcut: str = "B", depth: int = 32, recipe: str = "shike") -> MethodSpec:
     """Balanced softmax (Ren et al., NeurIPS 2020; SHIKE Eq. 11) end to end, one stage."""
-    return _one_stage(num_classes, BalancedSoftmaxCE(class_counts), "bsce", head, scale, shortcut, depth)
+    return _one_stage(num_classes, BalancedSoftmaxCE(class_counts), "bsce", head, scale, shortcut, depth,
+                      recipe)
 
 
 @METHODS.register("la")
+@own_recipe(**RECIPE_A)
 def la(*, num_classes: int, class_counts: Sequence[int], tau: float = 1.0, head: str = "linear", scale: float = 30.0,
-       shortcut: str = "B", depth: int = 32) -> MethodSpec:
+       shortcut: str = "B", depth: int = 32, recipe: str = "shike") -> MethodSpec:
     """Logit-adjusted loss (Menon et al., ICLR 2021), one stage; tau = 1 by default."""
-    return _one_stage(num_classes, LogitAdjustedCE(class_counts, tau=tau), "la", head, scale, shortcut, depth)
+    return _one_stage(num_classes, LogitAdjustedCE(class_counts, tau=tau), "la", head, scale, shortcut, depth,
+                      recipe)
 
 
 @METHODS.register("plain")
+@own_recipe()
 def plain(*, num_classes: int, class_counts: Sequence[int], head: str = "linear", scale: float = 30.0,
           shortcut: str = "B", freeze_bn_stage2: bool = False, depth: int = 32) -> MethodSpec:
     """SHIKE Table 4 row 1: a plain ResNet-32 trained with CE, then a fresh classifier re-trained with balanced

@@ -239,3 +239,6 @@ class LogitAdjustedCE(LossTermModule):
 
     def forward(self, out: ModelOutput, target: torch.Tensor) -> torch.Tensor:
         return _ce_summed_over_experts(out.expert_logits + self.tau * self.log_prior, target)
+
+
+from harness.methods.losses_lt import class_balanced_weights, focal_loss, ldam_loss, logit_adjust, tau_normalize  # noqa: E402,F401

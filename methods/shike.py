@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from harness.method import LossTerm, MethodSpec, Stage
+from harness.method import LossTerm, MethodSpec, Stage, own_recipe
 from harness.methods.losses import DKT, BalancedSoftmaxCE, ExpertCE, MutualKL
 from harness.methods.models.moe import build_expert_resnet
 from harness.registry import METHODS
@@ -27,6 +27,7 @@ def classifier_retraining(class_counts: Sequence[int], freeze_bn: bool) -> Stage
 
 
 @METHODS.register("shike")
+@own_recipe()  # SHIKE's own recipe is the official code's: `--preset own` is shike-code
 def shike(
     *,
     num_classes: int,

@@ -167,10 +167,12 @@ def cross_setting_notes(table: TableSpec, matched: dict[str, tuple[str | None, f
 
 
 def recipe_line(runs: pd.DataFrame) -> str:
-    """Batch, augmentation and per-stage peak LRs ("batch 128; augment autoaugment; peak LRs 0.15+0.1; "), each
-    only where the runs logged it (runs from before `plan.peak_lrs` existed show no peaks)."""
+    """Recipe (a baseline's `shike` or `own`), batch, augmentation and per-stage peak LRs ("batch 128; augment
+    autoaugment; peak LRs 0.15+0.1; "), each only where the runs logged it (runs from before `plan.peak_lrs`
+    existed show no peaks; methods without a recipe switch show none)."""
     parts = []
-    for label, name in (("batch", "optim.batch_size"), ("augment", "data.augment"), ("peak LRs", "plan.peak_lrs")):
+    for label, name in (("recipe", "method.recipe"), ("batch", "optim.batch_size"), ("augment", "data.augment"),
+                        ("peak LRs", "plan.peak_lrs")):
         values = _col(runs, f"params.{name}").dropna()
         if not values.empty:
             parts.append(f"{label} {_describe(values)}; ")
@@ -211,7 +213,8 @@ def build_report(runs: pd.DataFrame, table: TableSpec, dataset: str | None = Non
         used.append(on_column)
         cells += [make_cell(row, column, on_column) for row in table.rows]
     frame = pd.DataFrame(cells)
-    notes = [*table.notes, *cross_setting_notes(table, matched, frame)]
+    own = [f"{r.name}: {r.own}." for r in table.rows if r.own and r.method is not None]
+    notes = [*table.notes, *own, *cross_setting_notes(table, matched, frame)]
     if not mine.empty and any(c is None for c, _ in matched.values()):
         notes.append("Runs on several datasets and none is the paper's: choose one with --dataset "
                      f"({', '.join(_distinct(_col(mine, 'params.data.dataset')))}).")

@@ -4,7 +4,7 @@ its builder's signature so a typo fails in milliseconds."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from harness.registry import Registry
@@ -19,6 +19,7 @@ class Row:
     paper: tuple[tuple[str, float | None], ...] = ()  # (column, value); None where the paper prints "-"
     group: str = ""  # section header in the paper's table (Single model, MoE-based, ...)
     year: str = ""  # the paper's Year column ("" for the harness's own rows)
+    own: str = ""  # where the method's own paper reports another number than the one SHIKE quotes (a footnote)
 
     @property
     def kwargs(self) -> dict[str, Any]:
@@ -61,10 +62,34 @@ def row(name: str, key: str, method: str | None, paper: dict[str, float | None] 
     return Row(name, key, method, tuple(sorted(switches.items())), tuple(values.items()), group, year)
 
 
-def published(group: str, columns: tuple[str, ...], entries: tuple[tuple[Any, ...], ...]) -> tuple[Row, ...]:
-    """Rows the harness cannot run: (name, key, year, value per column...), None where the paper prints "-"."""
-    return tuple(row(name, key, None, dict(zip(columns, values, strict=True)), group, year)
+def published(group: str, columns: tuple[str, ...], entries: tuple[tuple[Any, ...], ...],
+              runnable: dict[str, str] | None = None, own: dict[str, str] | None = None) -> tuple[Row, ...]:
+    """Rows as the paper prints them: (name, key, year, value per column...), None where the paper prints "-".
+    `runnable` maps a row key to the harness method that runs it (its switches at their defaults); the others are
+    "not runnable". `own` maps a row key to a footnote: what the method's own paper reports where SHIKE's quote
+    differs."""
+    runnable, own = runnable or {}, own or {}
+    return tuple(replace(row(name, key, runnable.get(key), dict(zip(columns, values, strict=True)), group, year),
+                         own=own.get(key, ""))
                  for name, key, year, *values in entries)
+
+
+# Baselines the harness runs, by the paper's row key (Baselines I: methods/reweighting.py, methods/decoupled.py).
+# BALMS runs without its meta sampler (the sampler-free variant; methods/decoupled.py says why).
+BASELINES = {"focal": "focal", "ldam-drw": "ldam-drw", "tau-norm": "tau-norm", "crt": "crt", "balms": "balms",
+             "lade": "lade", "gcl": "gcl", "wb": "wb", "ncm": "ncm", "lws": "lws", "disalign": "disalign",
+             "la": "la-posthoc"}
+# The methods' own CIFAR-100-LT numbers where SHIKE quotes another (baselines.md section 0; R = recalled there).
+OWN_CIFAR = {
+    "focal": "no CIFAR-LT number in its own paper; LDAM-DRW's re-run gives 38.41 at IF 100",
+    "ldam-drw": "own paper 42.04 at IF 100 (SHIKE quotes 44.4)",
+    "tau-norm": "no CIFAR number in its own paper", "crt": "no CIFAR number in its own paper",
+    "balms": "own paper about 50.8 at IF 100 with the meta sampler; the harness runs the sampler-free variant",
+    "wb": "own paper 53.35 at IF 100 (SHIKE quotes 53.6); its released logs reach 51.98",
+    "paco": "own paper 52.0 / 56.0 (SHIKE's PaCo and BCL values look swapped)",
+    "bcl": "own paper 51.93 / 56.59", "ride": "own paper 48.0 (3 experts); its model zoo 48.6",
+    "tlc": "own result 49.8 (4 experts) on its own CIFAR builder (11,123 images, not the standard 10,847)",
+}
 
 
 # SHIKE Table 4: ablation on CIFAR-100-LT IF 100 (decoupled training in every row).
@@ -101,20 +126,26 @@ TABLE1 = TableSpec(
             ("LDAM-DRW", "ldam-drw", "2019", 44.4, None), ("τ-norm", "tau-norm", "2020", 45.4, None),
             ("cRT", "crt", "2020", 45.6, None), ("BALMS", "balms", "2020", 50.7, None),
             ("LADE", "lade", "2021", 45.4, 50.5), ("GCL", "gcl", "2022", 48.7, 53.6),
-            ("Weight Balancing", "wb", "2022", 53.6, 57.7))),
+            ("Weight Balancing", "wb", "2022", 53.6, 57.7)), BASELINES, OWN_CIFAR),
         *published(HYBRID, T1, (
             ("BALMS+BatchFormer", "balms-bf", "2022", 51.7, None), ("PaCo", "paco", "2021", 51.9, 56.0),
-            ("PaCo+BatchFormer", "paco-bf", "2022", 52.4, None), ("BCL", "bcl", "2022", 52.0, 56.6))),
+            ("PaCo+BatchFormer", "paco-bf", "2022", 52.4, None), ("BCL", "bcl", "2022", 52.0, 56.6)),
+            own=OWN_CIFAR),
         *published(MOE, T1, (
             ("RIDE (3E)", "ride", "2021", 48.3, None), ("ResLT (3E)", "reslt", "2022", 45.3, 50.0),
             ("TLC (4E)", "tlc", "2022", 50.1, None), ("NCL (S)", "ncl-s", "2022", 53.3, 56.8),
-            ("NCL (3N)", "ncl-3n", "2022", 54.2, 58.2))),
+            ("NCL (3N)", "ncl-3n", "2022", 54.2, 58.2)), own=OWN_CIFAR),
         row("Ours (3E)", "shike", "shike", {"IF 100": 56.3, "IF 50": 59.8}, MOE, "-"),
         # BALMS is BSCE plus a meta sampler; these are the harness's own single-model rows, with no paper value.
         row("Plain decoupled (harness)", "plain", "plain", {}, HARNESS),
         row("CE (harness)", "ce", "ce", {}, HARNESS),
         row("Balanced softmax (harness)", "bsce", "bsce", {}, HARNESS),
         row("Logit adjustment (harness)", "la", "la", {}, HARNESS),
+        row("Logit adjustment, post-hoc (harness)", "la-posthoc", "la-posthoc", {}, HARNESS),
+        row("Class-Balanced focal (harness)", "cb", "cb", {}, HARNESS),
+        row("Class-Balanced CE (harness)", "cb-ce", "cb", {}, HARNESS, loss="ce"),
+        row("NCM (harness)", "ncm", "ncm", {}, HARNESS), row("LWS (harness)", "lws", "lws", {}, HARNESS),
+        row("DisAlign (harness)", "disalign", "disalign", {}, HARNESS),
     ),
     protocol="ResNet-32, 200 epochs; the paper reports one run per cell (model selection unstated)",
 )
@@ -161,7 +192,7 @@ TABLE3 = TableSpec(
             ("τ-norm", "tau-norm", "2020", 37.8, 40.7, 31.8, 37.9), ("LWS", "lws", "2020", 40.6, 39.1, 28.6, 37.6),
             ("BALMS", "balms", "2020", 41.2, 39.8, 31.6, 38.7), ("LADE", "lade", "2021", 42.8, 39.0, 31.2, 38.8),
             ("DisAlign", "disalign", "2021", 40.4, 42.4, 30.1, 39.3),
-            ("GCL", "gcl", "2022", None, None, None, 40.6))),
+            ("GCL", "gcl", "2022", None, None, None, 40.6)), BASELINES),
         *published(HYBRID, T3, (
             ("LDAM+RSG", "ldam-rsg", "2021", 41.9, 41.4, 32.0, 39.3),
             ("PaCo", "paco", "2021", 37.5, 47.2, 33.9, 41.2))),

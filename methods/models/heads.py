@@ -45,3 +45,34 @@ def make_head(kind: str, in_features: int, num_classes: int, scale: float = 30.0
     if kind == "linear":
         return LinearHead(in_features, num_classes)
     raise ValueError(f"unknown head kind '{kind}'; known: {HEAD_KINDS}")
+
+
+class LWSScale(nn.Module):
+    """Learnable weight scaling (Kang et al., ICLR 2020): z'_c = f_c * z_c, f initialised to 1, so the kept stage-1
+    head (bias included) is unchanged until f trains (`models/TauNormClassifier.py` of the decoupling code)."""
+
+    def __init__(self, in_features: int, num_classes: int) -> None:
+        super().__init__()
+        self.scales = nn.Parameter(torch.ones(num_classes))
+
+    def forward(self, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        return logits * self.scales
+
+
+class DisAlignCalibration(nn.Module):
+    """DisAlign's adaptive calibration (Zhang et al., CVPR 2021, Eq. 3-4): z' = sigma(g(x)) (alpha * z + beta) +
+    (1 - sigma(g(x))) z, with g a linear confidence layer on the feature; alpha = 1, beta = 0 at the start, so the
+    calibrated head is the identity until the calibration stage trains it."""
+
+    def __init__(self, in_features: int, num_classes: int) -> None:
+        super().__init__()
+        self.alpha = nn.Parameter(torch.ones(num_classes))
+        self.beta = nn.Parameter(torch.zeros(num_classes))
+        self.confidence = nn.Linear(in_features, 1)
+
+    def forward(self, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        gate = torch.sigmoid(self.confidence(features))
+        return gate * (self.alpha * logits + self.beta) + (1 - gate) * logits
+
+
+CALIBRATIONS = {"lws": LWSScale, "disalign": DisAlignCalibration}

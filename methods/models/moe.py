@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from harness.method import LTModel, ModelOutput
-from harness.methods.models.heads import make_head
+from harness.methods.models.heads import CALIBRATIONS, make_head
 from harness.methods.models.resnet_cifar import Stem, blocks_per_stage, init_weights, make_stage
 
 STAGE_WIDTHS = (16, 32, 64)
@@ -80,6 +80,7 @@ class ExpertResNet(LTModel):
         retrain_head: bool,
         in_channels: int,
         depth: int = 32,
+        calibration: str = "none",
     ) -> None:
         super().__init__()
         if experts < 1:
@@ -109,6 +110,12 @@ class ExpertResNet(LTModel):
         self.apply(init_weights)  # networks.py:172; cosine heads keep their own init (not nn.Linear)
         # Built after the init, so the aligner convs keep PyTorch's default init (networks.py:178-179).
         self.aligners = nn.ModuleList(ShallowAligner(s, align_relu) for s in self.dkf_sources)
+        if calibration != "none" and calibration not in CALIBRATIONS:
+            raise ValueError(f"unknown calibration '{calibration}'; known: none, {', '.join(CALIBRATIONS)}")
+        # Identity at initialisation; its own parameter group, so a stage can train it alone (LWS, DisAlign).
+        self.calibrations = nn.ModuleList(
+            CALIBRATIONS[calibration](self.feature_dim, num_classes) for _ in range(experts)
+        ) if calibration != "none" else None
 
     def backbone_modules(self) -> list[nn.Module]:
         """Everything but the heads: stem, shared stages, expert stages and DKF aligners."""
@@ -116,8 +123,16 @@ class ExpertResNet(LTModel):
 
     def architecture(self) -> dict[str, object]:
         sources = ",".join(f"layer{s}" for s in self.dkf_sources)
-        return {"depth": self.depth, "experts": self.num_experts, "dkf": self.dkf, "dkf_sources": sources or "none",
-                "head": type(self.heads[0]).__name__}
+        facts = {"depth": self.depth, "experts": self.num_experts, "dkf": self.dkf, "dkf_sources": sources or "none",
+                 "head": type(self.heads[0]).__name__}
+        if self.calibrations is not None:
+            facts["calibration"] = type(self.calibrations[0]).__name__
+        return facts
+
+    def classifiers(self) -> list[nn.Module]:
+        heads = self.retrain_heads if self.active_head == "retrain_head" else self.heads
+        assert heads is not None
+        return list(heads)
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         groups = {
@@ -126,6 +141,8 @@ class ExpertResNet(LTModel):
         }
         if self.retrain_heads is not None:
             groups["retrain_head"] = list(self.retrain_heads.parameters())
+        if self.calibrations is not None:
+            groups["calibration"] = list(self.calibrations.parameters())
         return groups
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
@@ -141,7 +158,8 @@ class ExpertResNet(LTModel):
                 fused = fused * self.aligners[m](shallow[self.dkf_sources[m] - 1])
             pooled = fused.mean(dim=(2, 3))  # global average pool over 8x8 (networks.py:207-208)
             features.append(pooled)
-            logits.append(head(pooled))
+            z = head(pooled)
+            logits.append(z if self.calibrations is None else self.calibrations[m](z, pooled))
         expert_logits = torch.stack(logits)
         return ModelOutput(
             logits=expert_logits.mean(dim=0), expert_logits=expert_logits, features=torch.stack(features)
@@ -161,6 +179,7 @@ def build_expert_resnet(
     retrain_head: bool = True,
     in_channels: int = 3,
     depth: int = 32,
+    calibration: str = "none",
 ) -> ExpertResNet:
     """Build SHIKE's CIFAR model; the defaults are the official code (`networks.py`, `resnet32(use_norm=True, num_exps=3)`).
 
@@ -170,6 +189,8 @@ def build_expert_resnet(
     as the official code does; ignored when dkf is False. align_relu: "code" or "all" (see `ShallowAligner`).
     depth: CIFAR ResNet depth 6n+2 (32 = 5 blocks per stage, the official; 8 = 1 block, 20 = 3, 56 = 9).
     retrain_head: also build the separate, fresh heads used after classifier re-training (official `rt_classifiers`).
+    calibration: "none", "lws" (per-class scales) or "disalign" (adaptive calibration) after each head, in the
+    parameter group "calibration"; both are the identity until a stage trains them.
     """
     sources = default_dkf_sources(experts) if dkf_sources is None else tuple(int(s) for s in dkf_sources)
     if dkf and len(sources) != experts:
@@ -188,4 +209,5 @@ def build_expert_resnet(
         retrain_head=retrain_head,
         in_channels=in_channels,
         depth=depth,
+        calibration=calibration,
     )

@@ -33,8 +33,8 @@ class TimedFeeder:
     def __len__(self) -> int:
         return len(self.inner)
 
-    def epoch(self, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        batches = iter(self.inner.epoch(seed))
+    def epoch(self, seed: int, draw: Any = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        batches = iter(self.inner.epoch(seed, draw))
         for index in itertools.count():
             timing = index == 0 or not self.at_once
             if timing and self.at_once:

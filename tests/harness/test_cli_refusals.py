@@ -39,7 +39,7 @@ def no_global_tracking_uri():
 @pytest.mark.parametrize("args, fragments", [
     (["--table", "table2"], ["table table2 has no row the harness can run", "imagenetlt, inat2018",
                              "harness report table2"]),
-    (["--table", "table3"], ["table table3 has no row the harness can run", "placeslt"]),
+    (["--table", "table3", "--dataset", "placeslt"], ["unknown dataset 'placeslt'; known datasets: cifar100lt"]),
     (["--table", "table5", "--rows", "b"], ["table table5: row b cannot run", "runnable rows: a, c, ac"]),
     (["--table", "table5", "--rows", "a,abc"], ["row abc cannot run", "runnable rows: a, c, ac"]),
     (["--table", "table1", "--if", "20"], ["table table1 compares IF 100, 50 only", "use --if 100 or --if 50"]),

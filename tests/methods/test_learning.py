@@ -21,6 +21,7 @@ from harness.data import Split
 from harness.datasets.augment import per_image_pipeline, synthetic_cifar_images
 from harness.evaluate import predict, summarize
 from harness.feeders import ReferenceFeeder
+from harness.posthoc import fit_posthoc
 from harness.registry import METHODS
 from harness.trainer import Trainer
 
@@ -67,8 +68,8 @@ class ShiftedLabels:
     def __len__(self) -> int:
         return len(self.feeder)
 
-    def epoch(self, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, labels in self.feeder.epoch(seed):
+    def epoch(self, seed: int, draw=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels in self.feeder.epoch(seed, draw):
             yield images, labels.roll(-1)
 
 
@@ -86,11 +87,12 @@ def train_and_evaluate(method: str, seed: int,
     spec.stages = tuple(replace(s, peak_lr=s.peak_lr * BACKBONE_LR_SCALE) if "backbone" in s.trainable else s
                         for s in stage_overrides(spec.stages, cfg.stage_args))
     device = torch.device("cpu")
-    feeder = ReferenceFeeder(synthetic_split(COUNTS, seed=100 + seed),
-                             per_image_pipeline(cfg.data.augment, MEAN, STD), BATCH, device)
+    train = synthetic_split(COUNTS, seed=100 + seed)
+    feeder = ReferenceFeeder(train, per_image_pipeline(cfg.data.augment, MEAN, STD), BATCH, device)
     Trainer(spec, cfg, wrap(feeder), device).fit()
+    predictor = fit_posthoc(spec.model, spec.posthoc, train, MEAN, STD, device)  # tau-norm, NCM, post-hoc LA
     test = synthetic_split((TEST_PER_CLASS,) * len(COUNTS), seed=200 + seed)
-    metrics, _ = summarize(predict(spec.model, test, MEAN, STD, device), COUNTS)
+    metrics, _ = summarize(predict(predictor, test, MEAN, STD, device), COUNTS)
     return metrics["balanced_acc"]
 
 

@@ -57,10 +57,11 @@ def test_cells_without_runs_say_so_and_carry_no_number():
 
 
 def test_rows_the_harness_cannot_run_render_the_paper_and_are_marked():
-    for table in (TABLE2, TABLE3):
-        report = build_report(pd.DataFrame(), table)
-        assert set(report.cells["status"]) == {"not runnable"} and (report.cells["n"] == 0).all()
-        assert "no finished runs tagged table=" + table.name in report.protocol
+    report = build_report(pd.DataFrame(), TABLE2)
+    assert set(report.cells["status"]) == {"not runnable"} and (report.cells["n"] == 0).all()
+    assert "no finished runs tagged table=table2" in report.protocol
+    places = cells(build_report(pd.DataFrame(), TABLE3))
+    assert places.loc[("paco", "All"), "status"] == "not runnable" and places.loc[("crt", "All"), "status"] == "no runs"
     ours = cells(build_report(pd.DataFrame(), TABLE2))
     assert [ours.loc[("shike", c.label), "paper"] for c in TABLE2.columns] == [59.7, 59.6, 75.4]
     md = render(build_report(pd.DataFrame(), TABLE3), "md")
@@ -96,7 +97,7 @@ def test_table1_columns_split_by_imbalance_factor_and_prefer_the_papers_dataset(
     assert c.loc[("shike", "IF 100"), "diff"] == pytest.approx(56.0 - 56.3)
     assert (c.loc[("shike", "IF 50"), "mean"], c.loc[("shike", "IF 50"), "diff"]) == (60.0, pytest.approx(0.2))
     assert c.loc[("bsce", "IF 100"), "mean"] == 40.0 and math.isnan(c.loc[("bsce", "IF 100"), "paper"])
-    assert c.loc[("bsce", "IF 50"), "status"] == "no runs" and c.loc[("balms", "IF 100"), "status"] == "not runnable"
+    assert c.loc[("bsce", "IF 50"), "status"] == "no runs" and c.loc[("paco", "IF 100"), "status"] == "not runnable"
     fmnist = cells(build_report(frame, TABLE1, dataset="fmnistlt"))
     assert fmnist.loc[("shike", "IF 100"), "mean"] == 90.0 and fmnist.loc[("shike", "IF 50"), "n"] == 0
 
@@ -189,7 +190,8 @@ def test_newest_parent_is_the_latest_study_run_of_the_table():
 def test_declared_tables_hold_the_papers_values():
     assert set(TABLES) == {"table1", "table2", "table3", "table4", "table5"}
     assert TABLE1.row("shike").paper == (("IF 100", 56.3), ("IF 50", 59.8))
-    assert TABLE1.row("balms").paper_value("IF 100") == 50.7 and TABLE1.row("balms").method is None
+    assert TABLE1.row("balms").paper_value("IF 100") == 50.7 and TABLE1.row("balms").method == "balms"
+    assert TABLE1.row("paco").method is None and "swapped" in TABLE1.row("paco").own
     assert {r.key for r in TABLE1.rows if r.method} == {"shike", "plain", "ce", "bsce", "la"}
     assert all(r.paper_value("IF 100") is None for r in TABLE1.rows if r.group.startswith("Harness"))
     assert [TABLE3.row("shike").paper_value(c) for c in ("Many", "Medium", "Few", "All")] == [43.6, 39.2, 44.8, 41.9]
@@ -252,3 +254,16 @@ def test_every_figure_the_command_offers_has_a_maker():
     from harness.studies.figure_runs import FIGURE_MAKERS
 
     assert set(FIGURES) == set(FIGURE_MAKERS)
+
+
+BASELINES_I = ("focal", "cb", "ldam-drw", "crt", "tau-norm", "lws", "ncm", "balms", "lade", "gcl", "wb", "disalign",
+               "la-posthoc")
+
+
+def test_tables_1_and_3_run_every_baseline_and_footnote_the_methods_own_numbers():
+    assert {r.method for r in TABLE1.rows} >= set(BASELINES_I)
+    assert {r.method for r in TABLE3.rows} >= {"focal", "ncm", "crt", "tau-norm", "lws", "balms", "lade", "disalign",
+                                                "gcl"}
+    assert TABLE1.row("ldam-drw").paper_value("IF 100") == 44.4 and "42.04" in TABLE1.row("ldam-drw").own
+    report = build_report(pd.DataFrame([run("ldam-drw", 0, 43.0, table="table1")]), TABLE1)
+    assert "LDAM-DRW: own paper 42.04 at IF 100 (SHIKE quotes 44.4)." in report.notes
