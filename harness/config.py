@@ -44,6 +44,7 @@ class OptimConfig:
     weight_decay: float = 5e-4
     batch_size: int = 128
     schedule: str = "code"  # code: official warm-up + cosine per stage; paper: cosine from lr to 0, restarted
+    peak_lr_scale: float = 1.0  # multiplies every stage's peak LR (e.g. 0.5 at batch 32: square-root scaling)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import platform
 import subprocess
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,8 @@ def build_method(cfg: RunConfig, data: LTData) -> MethodSpec:
     builder = METHODS.get(cfg.method)
     spec = builder(num_classes=data.num_classes, class_counts=tuple(data.class_counts), **cfg.method_kwargs)
     spec.stages = stage_overrides(spec.stages, cfg.stage_args)
+    if cfg.optim.peak_lr_scale != 1.0:  # one knob for every method's stages, whatever their names
+        spec.stages = tuple(replace(s, peak_lr=s.peak_lr * cfg.optim.peak_lr_scale) for s in spec.stages)
     return spec
 
 

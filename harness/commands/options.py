@@ -58,7 +58,8 @@ def add_data_options(parser: argparse.ArgumentParser, dataset_required: bool = T
 def add_config_options(parser: argparse.ArgumentParser) -> None:
     """--preset, --epochs, --set and --device: what every trained run's config is made of besides the data."""
     parser.add_argument("--preset", default="shike-code", choices=sorted(PRESETS),
-                        help="settings source: shike-code (official code), shike-paper, shike-code-literal")
+                        help="settings source: shike-code (official code; every baseline on SHIKE's recipe), "
+                             "shike-paper, shike-code-literal, own (each method's own published recipe)")
     parser.add_argument("--epochs", default=None, metavar="E|E1+E2", help=EPOCHS_HELP)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. optim.lr=0.1, train.eval_interval=0, method.alpha=0.2")

@@ -301,3 +301,15 @@ def test_recipes_set_each_stage_and_epochs_still_rescale_them():
     wb = METHODS.get("wb")(num_classes=4, class_counts=COUNTS, depth=8).stages
     assert [s.weight_decay for s in wb] == [5e-3, 0.1] and type(wb[1].constraints[0]).__name__ == "MaxNorm"
     assert replace(wb[0], epochs=3).weight_decay == 5e-3
+
+
+def test_peak_lr_scale_multiplies_every_stage_whatever_its_name():
+    from harness.runner import build_method
+
+    class Data:
+        num_classes, class_counts = 4, COUNTS
+
+    for method in ("crt", "focal"):
+        plain = build_method(resolve_config(method, overrides={"method.depth": 8}), Data)
+        scaled = build_method(resolve_config(method, overrides={"method.depth": 8, "optim.peak_lr_scale": 0.5}), Data)
+        assert [s.peak_lr / 2 for s in plain.stages] == [s.peak_lr for s in scaled.stages]
