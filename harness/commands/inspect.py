@@ -51,8 +51,10 @@ def describe_method(args: argparse.Namespace) -> int:
              "parameters_total": params["total"], "parameters_inference": params["inference"],
              "forward_flops_per_image": forward_flops(model, (1, 3, 32, 32)),
              "stages": [{"name": s.name, "epochs": e, "peak_lr": s.peak_lr, "trainable": list(s.trainable),
-                         "losses": {t.name: t.weight for t in s.losses}}
+                         "losses": {t.name: t.weight for t in s.losses}, "schedule": s.schedule or cfg.optim.schedule,
+                         "sampler": s.sampler}
                         for s, e in zip(stages, plan_epochs(stages, cfg.train))],
+             "posthoc": [type(step).__name__ for step in method.posthoc],
              "method_args": cfg.method_kwargs}
     if args.json:
         print(json.dumps(facts, indent=2))
@@ -61,8 +63,11 @@ def describe_method(args: argparse.Namespace) -> int:
     for key in ("num_classes", "parameters_total", "parameters_inference", "forward_flops_per_image"):
         table.add_row(key, f"{facts[key]:,}")
     for stage in facts["stages"]:
-        table.add_row(f"stage {stage['name']}", f"{stage['epochs']} epochs, peak lr {stage['peak_lr']:g}, "
-                      + json.dumps(stage["losses"]) + f" trains {stage['trainable']}")
+        table.add_row(f"stage {stage['name']}", f"{stage['epochs']} epochs, {stage['schedule']} schedule, peak lr "
+                      f"{stage['peak_lr']:g}, {stage['sampler']} sampler, " + json.dumps(stage["losses"])
+                      + f" trains {stage['trainable']}")
+    if facts["posthoc"]:
+        table.add_row("post-hoc", ", ".join(facts["posthoc"]))
     Console().print(table)
     return 0
 
