@@ -313,3 +313,48 @@ def test_peak_lr_scale_multiplies_every_stage_whatever_its_name():
         plain = build_method(resolve_config(method, overrides={"method.depth": 8}), Data)
         scaled = build_method(resolve_config(method, overrides={"method.depth": 8, "optim.peak_lr_scale": 0.5}), Data)
         assert [s.peak_lr / 2 for s in plain.stages] == [s.peak_lr for s in scaled.stages]
+
+
+class StopAfter:
+    """A hook that stops the trainer after global epoch `epoch` (0-based), as a kill between epochs would."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getattr__(self, name):
+        return lambda *args: None
+
+    def after_epoch(self, trainer, epoch, metrics) -> None:
+        if epoch == self.epoch:
+            trainer.request_stop("test")
+
+
+@pytest.mark.parametrize("method", ["crt", "ldam-drw", "gcl", "wb"])
+def test_sampled_reweighted_mixed_and_constrained_stages_resume_to_the_same_weights(method, tmp_path):
+    """Class-balanced sampling (crt, gcl), the DRW switch (ldam-drw: at epoch 3 of 4), mixup with noisy logits
+    (gcl) and MaxNorm's thresholds (wb, thresh 0 and no decay, so rows keep being clipped): stopped after epoch 2 of
+    2+2 and resumed, the final weights are the same as an uninterrupted run's, bit for bit. On the device feeder,
+    which leaves torch's global RNG alone: what the step draws (mixup, GCL's noise) is seeded by the trainer."""
+    from harness.registry import METHODS
+
+    extra = {"method.thresh": 0.0, "method.weight_decay_stage2": 0.0} if method == "wb" else {}
+
+    def build():
+        torch.manual_seed(0)
+        cfg = resolve_config(method, device="cpu", overrides={"train.stage_epochs": "2+2", "optim.batch_size": 25,
+                                                              "method.depth": 8, "train.checkpoint_interval": 1,
+                                                              **extra})
+        return cfg, METHODS.get(method)(num_classes=4, class_counts=COUNTS, **cfg.method_kwargs)
+
+    def device_feeder():
+        return DeviceFeeder(toy_split(), lambda images, g: (images.float() / 255 - 0.5) / 0.25, 25, CPU)
+
+    cfg, whole = build()
+    Trainer(whole, cfg, device_feeder(), CPU).fit()
+    cfg, first = build()
+    Trainer(first, cfg, device_feeder(), CPU, tmp_path / "ck.pt", hooks=[StopAfter(2)]).fit()
+    torch.manual_seed(123)  # a fresh process would not share the first one's RNG state
+    cfg, resumed = build()
+    Trainer(resumed, cfg, device_feeder(), CPU, tmp_path / "ck.pt").fit(resume=True)
+    for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
