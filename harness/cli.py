@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "harness.commands.tracking",
     "harness.commands.report",
     "harness.commands.tune",
+    "harness.commands.evaluate",
 )
 
 

@@ -315,3 +315,52 @@ def plan_epochs(stages: tuple[Stage, ...], train: TrainConfig) -> list[int]:
     for i in by_remainder[: max(0, train.epochs - sum(out))]:
         out[i] += 1
     return out
+
+
+def config_from_dict(raw: Mapping[str, Any]) -> RunConfig:
+    """A `RunConfig` from its logged JSON (`config.json` of a run): keys a newer harness added take their defaults;
+    a key this harness does not know is an error (the run was logged by a newer one)."""
+    sections = {"data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
+    values: dict[str, Any] = {}
+    for name, kind in sections.items():
+        given = dict(raw.get(name, {}))
+        unknown = set(given) - {f.name for f in fields(kind)}
+        if unknown:
+            raise HarnessError(f"logged config has unknown {name} keys {sorted(unknown)}; update the harness")
+        values[name] = kind(**given)
+    return RunConfig(method=raw["method"], preset=raw.get("preset", "shike-code"),
+                     method_args=tuple((k, v) for k, v in raw.get("method_args", ())),
+                     stage_args=tuple((k, v) for k, v in raw.get("stage_args", ())), **values)
+
+
+def read_config_file(path: str) -> list[str]:
+    """`--config FILE.yaml`: the keys `--set` takes, nested (`optim: {lr: 0.1}`) or dotted (`optim.lr: 0.1`), as
+    `key=value` items (applied before `--set`, so `--set` wins)."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            raw = yaml.safe_load(handle) or {}
+    except OSError as error:
+        raise HarnessError(f"cannot read config file {path}: {error.strerror or error}") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise HarnessError(f"config file {path} is not valid YAML{where}") from None
+    if not isinstance(raw, dict):
+        raise HarnessError(f"config file {path} must map keys to values (e.g. 'optim.lr: 0.1')")
+    items: list[str] = []
+
+    def walk(prefix: str, node: Any) -> None:
+        for key, value in node.items():
+            dotted = f"{prefix}{key}"
+            if isinstance(value, dict):
+                walk(f"{dotted}.", value)
+            elif isinstance(value, (list, tuple)):
+                raise HarnessError(f"config file {path}: '{dotted}' is a list; give one value per key")
+            else:
+                text = "" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+                items.append(f"{dotted}={text}")
+
+    walk("", raw)
+    return items

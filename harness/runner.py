@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import platform
 import subprocess
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -20,6 +21,7 @@ import torch
 from harness import __version__
 from harness.checkpoint import load_checkpoint, load_json, save_json
 from harness.config import RunConfig, flatten, plan_epochs, stage_overrides
+from harness.cost import run_cost
 from harness.data import LTData, Split
 from harness.errors import HarnessError
 from harness.evaluate import Evaluator
@@ -35,6 +37,7 @@ from harness.tracking import Tracker, runs_dir
 from harness.trainer import Trainer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+FINAL_WEIGHTS = "final_weights.pt"
 
 
 @dataclass
@@ -258,6 +261,14 @@ class Run:
         self.tracker.log_text(self.run_id, "\n".join(rows) + "\n", "per_class_accuracy.csv")
         self.tracker.log_arrays(self.run_id, self.details, "eval_details.npz")
 
+    def log_weights(self) -> None:
+        """The final weights as the artifact `final_weights.pt` (the model's state dict; post-hoc steps are refitted
+        from the training split when `harness eval` loads them), beside the run's config and manifest."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / FINAL_WEIGHTS
+            torch.save(self.spec.model.state_dict(), path)
+            self.tracker.log_file(self.run_id, path)
+
     def execute(self, resume: bool = False, progress: Any = None) -> RunResult:
         state = load_json(self.folder / "state.json")
         if state is not None and state.get("finished") and resume:
@@ -300,7 +311,12 @@ class Run:
             self.tracker.end(self.run_id, "FAILED" if isinstance(error, Exception) else "KILLED")
             raise
         wall = time.perf_counter() - started
-        self.log_final({**metrics, **{f"time/{k}": v for k, v in timings.items()}}, wall, trainer.total_epochs)
+        cost = run_cost(self.spec, (1, *self.data.train.images.shape[1:]),
+                        [run.epochs * len(self.data.train) for run in trainer.stages], timings["train_s"],
+                        trainer.images_trained, wall, self.device)
+        self.log_final({**metrics, **cost, **{f"time/{k}": v for k, v in timings.items()}}, wall,
+                       trainer.total_epochs)
+        self.log_weights()
         self.tracker.end(self.run_id)
         save_json(self.folder / "state.json", {"run_id": self.run_id, "finished": True, "metrics": metrics,
                                                "wall_time_s": wall})

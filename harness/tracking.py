@@ -417,6 +417,10 @@ class Tracker:
         with tempfile.TemporaryDirectory() as tmp:
             return self._download(run_id, name, tmp).read_text()
 
+    def download(self, run_id: str, name: str, folder: str) -> Path:
+        """One artifact of a run into `folder`; returns its local path."""
+        return self._download(run_id, name, folder)
+
     def _download(self, run_id: str, name: str, folder: str) -> Path:
         with self._reaching(f"downloading {name} of run {run_id}"):
             return Path(_mlflow().artifacts.download_artifacts(run_id=run_id, artifact_path=name, dst_path=folder,

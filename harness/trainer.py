@@ -118,6 +118,7 @@ class Trainer:
             self.loss_step = torch.compile(self.forward_losses, mode=mode, dynamic=False)
         self.checkpoint_interval = cfg.train.checkpoint_interval or (10 if device.type == "cuda" else 1)
         self.stop_reason: str | None = None
+        self.images_trained = 0  # by this process (a resumed run counts only what it trained)
 
     def request_stop(self, reason: str) -> None:
         """Stop after the current epoch (its checkpoint and hooks still run)."""
@@ -192,6 +193,7 @@ class Trainer:
             seen += len(labels)
             self._call("after_step")
         self.constrain(run.stage, "epoch")
+        self.images_trained += seen
         means = (sums / max(seen, 1)).tolist()  # the one host sync of the epoch
         names = [f"loss/{t.name}" for t in run.stage.losses] + ["loss/total"]
         metrics = dict(zip(names, means))

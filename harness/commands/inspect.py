@@ -35,7 +35,7 @@ def describe_method(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from harness.config import plan_epochs, stage_overrides
-    from harness.methods.models.profile import forward_flops, parameter_counts
+    from harness.profile import forward_flops, parameter_counts
     from harness.registry import DATASETS, METHODS
 
     check_dataset(args.dataset)

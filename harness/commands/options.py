@@ -63,6 +63,8 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", default=None, metavar="E|E1+E2", help=EPOCHS_HELP)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. optim.lr=0.1, train.eval_interval=0, method.alpha=0.2")
+    parser.add_argument("--config", default=None, metavar="FILE.yaml",
+                        help="config keys from a YAML file (the keys --set takes, nested or dotted); --set wins")
     parser.add_argument("--device", default=None, help="auto (default), cpu or cuda")
 
 
@@ -78,12 +80,16 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
 
 def run_settings(args: argparse.Namespace) -> RunSettings:
     """The flags every run of a command shares (a command without --epochs or --device leaves them unset)."""
+    from harness.config import read_config_file
     from harness.studies.settings import RunSettings
 
+    config_file = getattr(args, "config", None)
+    from_file = tuple(read_config_file(config_file)) if config_file else ()
     return RunSettings(dataset=args.dataset, imbalance_factor=args.imbalance_factor,
                        preset=getattr(args, "preset", "shike-code"), epochs=getattr(args, "epochs", None),
                        device=getattr(args, "device", None), data_root=getattr(args, "data_root", ""),
-                       download=getattr(args, "download", False), overrides=tuple(getattr(args, "overrides", [])))
+                       download=getattr(args, "download", False),
+                       overrides=(*from_file, *getattr(args, "overrides", [])))
 
 
 def make_config(args: argparse.Namespace, method: str, seed: int | None = None) -> RunConfig:

@@ -9,7 +9,7 @@ from harness.methods.models.moe import (
     build_expert_resnet,
     default_dkf_sources,
 )
-from harness.methods.models.profile import forward_flops, parameter_counts, train_flops
+from harness.profile import forward_flops, parameter_counts, train_flops
 from harness.methods.models.resnet_cifar import BasicBlock, Stem, init_weights, make_stage
 
 __all__ = [
