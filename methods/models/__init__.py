@@ -9,8 +9,8 @@ from harness.methods.models.moe import (
     build_expert_resnet,
     default_dkf_sources,
 )
-from harness.profile import forward_flops, parameter_counts, train_flops
 from harness.methods.models.resnet_cifar import BasicBlock, Stem, init_weights, make_stage
+from harness.profile import forward_flops, parameter_counts, train_flops
 
 __all__ = [
     "BasicBlock",
