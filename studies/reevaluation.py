@@ -5,12 +5,13 @@ is a new run named `<original>-rerun` in the original's experiment, compared met
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from harness.calibration import ece, mce, nll
+from harness.calibration import CalibrationBins, apply_temperature, calibration_bins, ece, fit_temperature, mce, nll
 from harness.errors import HarnessError
 from harness.evaluate import accuracy_metrics
 from harness.reevaluate import load_run, logged_config
@@ -22,33 +23,67 @@ COMPARED = ("test/top1", "test/top5", "test/balanced_acc", "test/many", "test/me
             "test/nll")
 
 
-def split_metrics(loaded, split) -> dict[str, float]:
-    """top-1, balanced accuracy, many/medium/few (training-count groups), ECE, MCE (15 bins) and NLL on a split."""
+@dataclass
+class Evaluation:
+    """What `evaluate_runs` found: table lines, top-1 per test set by run label (the shift curve) and the balanced
+    test set's calibration bins by run label (the reliability diagrams)."""
+
+    lines: list[dict[str, Any]] = field(default_factory=list)
+    curves: dict[str, dict[str, float]] = field(default_factory=dict)
+    bins: dict[str, CalibrationBins] = field(default_factory=dict)
+
+
+def split_logits(loaded, split) -> tuple[torch.Tensor, torch.Tensor, Any]:
     preds = loaded.evaluator.predict(loaded.predictor, split)
+    return preds.logits.cpu(), preds.labels.cpu(), preds
+
+
+def split_metrics(loaded, split, temperature: float | None = None) -> tuple[dict[str, float], CalibrationBins]:
+    """top-1, balanced accuracy, many/medium/few (training-count groups), ECE, MCE (15 bins) and NLL on a split;
+    with `temperature`, the calibration figures are those of the temperature-scaled logits (accuracy is unchanged)."""
+    logits, labels, preds = split_logits(loaded, split)
     accuracy, _ = accuracy_metrics(preds, loaded.data.class_counts)
-    logits, labels = preds.logits.cpu(), preds.labels.cpu()
+    if temperature is not None:
+        logits = apply_temperature(logits, temperature)
     probs = F.softmax(logits, dim=1)
-    return {**accuracy, "ece": ece(probs, labels), "mce": mce(probs, labels), "nll": nll(logits, labels)}
+    metrics = {**accuracy, "ece": ece(probs, labels), "mce": mce(probs, labels), "nll": nll(logits, labels)}
+    return metrics, calibration_bins(probs, labels)
 
 
-def evaluate_runs(tracker: Tracker, run_ids: list[str], shift: bool = False,
-                  device: str | None = None) -> list[dict[str, Any]]:
-    """One line per run and test set; each run's figures are logged to it as `eval/<test set>/<metric>`."""
-    lines = []
+def validation_temperature(loaded) -> float:
+    """Temperature scaling (Guo et al. 2017) fitted on the run's validation split, never on test."""
+    if loaded.data.val is None:
+        raise HarnessError(f"run {loaded.run_id[:8]} has no validation split (data.val_per_class=0), and "
+                           "temperature scaling is fitted on one: rerun it with --set data.val_per_class=K")
+    logits, labels, _ = split_logits(loaded, loaded.data.val)
+    return fit_temperature(logits, labels)
+
+
+def evaluate_runs(tracker: Tracker, run_ids: list[str], shift: bool = False, device: str | None = None,
+                  temperature: bool = False) -> Evaluation:
+    """One line per run and test set; each run's figures are logged to it as `eval/<test set>/<metric>` (and
+    `eval/temperature` with `temperature`)."""
+    found = Evaluation()
     for run_id in run_ids:
         loaded = load_run(tracker, run_id, device)
+        label = f"{loaded.cfg.method} s{loaded.cfg.train.seed} ({run_id[:8]})"
         sets = test_distributions(loaded.data.test) if shift else {BALANCED: loaded.data.test}
-        logged: dict[str, float] = {}
         with torch.no_grad():
+            t = validation_temperature(loaded) if temperature else None
+            logged: dict[str, float] = {} if t is None else {"eval/temperature": t}
             for name in (n for n in DISTRIBUTIONS if n in sets):
-                metrics = split_metrics(loaded, sets[name])
+                metrics, bins = split_metrics(loaded, sets[name], t)
                 logged.update({f"eval/{name}/{k}": v for k, v in metrics.items()})
-                lines.append({"run": run_id[:8], "method": loaded.cfg.method, "seed": loaded.cfg.train.seed,
-                              "test set": name, "images": len(sets[name]), "top1": metrics["top1"],
-                              "many": metrics["many"], "medium": metrics["medium"], "few": metrics["few"],
-                              "ece": metrics["ece"], "mce": metrics["mce"], "nll": metrics["nll"]})
+                found.curves.setdefault(label, {})[name] = metrics["top1"]
+                if name == BALANCED:
+                    found.bins[label] = bins
+                found.lines.append({"run": run_id[:8], "method": loaded.cfg.method, "seed": loaded.cfg.train.seed,
+                                    "test set": name, "images": len(sets[name]), "top1": metrics["top1"],
+                                    "many": metrics["many"], "medium": metrics["medium"], "few": metrics["few"],
+                                    "ece": metrics["ece"], "mce": metrics["mce"], "nll": metrics["nll"],
+                                    **({} if t is None else {"T": t})})
         tracker.log_metrics(run_id, logged)
-    return lines
+    return found
 
 
 def rerun(tracker: Tracker, run_id: str, force: bool = False, progress: Any = None) -> list[dict[str, Any]]:

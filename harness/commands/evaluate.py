@@ -12,6 +12,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("run_ids", nargs="+", metavar="RUN_ID", help="MLflow run ids (a unique prefix is enough)")
     evaluate.add_argument("--shift", action="store_true",
                           help="also forward/backward long-tailed test splits (imbalance 2, 5, 10, 25, 50)")
+    evaluate.add_argument("--temperature", action="store_true",
+                          help="calibration after temperature scaling fitted on the run's validation split")
+    evaluate.add_argument("--out", default=None, help="folder for the figures (default: RUNS/eval)")
     evaluate.add_argument("--device", default=None, help="auto, cpu or cuda (default: the run's own setting)")
     evaluate.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite in ./runs)")
     evaluate.set_defaults(func=run_eval)
@@ -23,16 +26,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     import pandas as pd
 
-    from harness.commands.output import print_frame
+    from harness.commands.output import note, print_frame
     from harness.studies.reevaluation import evaluate_runs
-    from harness.tracking import Tracker
+    from harness.studies.shift_figures import reliability_figure, shift_curve_figure
+    from harness.tracking import Tracker, runs_dir
 
     tracker = Tracker(args.tracking_uri)
-    frame = evaluate_runs(tracker, [resolve_run_id(tracker, r) for r in args.run_ids], shift=args.shift,
-                          device=args.device)
-    print_frame(pd.DataFrame(frame), f"re-evaluated from kept weights (tracking: {tracker.uri}); logged as eval/*")
+    found = evaluate_runs(tracker, [resolve_run_id(tracker, r) for r in args.run_ids], shift=args.shift,
+                          device=args.device, temperature=args.temperature)
+    print_frame(pd.DataFrame(found.lines), f"re-evaluated from kept weights (tracking: {tracker.uri}); "
+                                           "logged as eval/*")
+    out = Path(args.out) if args.out else runs_dir() / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    written = [reliability_figure(found.bins, out / "reliability.png", title="balanced test set")]
+    if args.shift:
+        written.append(shift_curve_figure(found.curves, out / "shift.png", title="top-1 against test distribution"))
+    note("figures: " + ", ".join(str(p) for p in written))
     return 0
 
 

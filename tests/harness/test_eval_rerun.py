@@ -1,0 +1,117 @@
+"""A finished run is re-evaluable and rerunnable: its weights are kept, `harness eval` reproduces its logged test
+figures from them without training (and adds shifted test sets, calibration and figures), `harness rerun` trains
+it again from the logged config to the same final metrics on CPU and refuses when the code differs; `--config`
+files carry the keys `--set` takes; every run logs what it cost."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+from cli_support import run_cli
+
+from harness.tracking import Tracker
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+TINY = ["--dataset", "fmnistlt", "--epochs", "1+1", "--set", "data.n_max=30", "--set", "data.test_per_class=20",
+        "--set", "method.depth=8", "--set", "train.eval_interval=0", "--set", "data.augment=none"]
+
+
+@pytest.fixture(autouse=True)
+def own_tracking_uri():
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+def runs(home):
+    return Tracker(f"sqlite:///{home / 'mlflow.db'}").search()
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One finished ncm run with a validation split (a post-hoc step, so eval must refit it to match)."""
+    home = tmp_path_factory.mktemp("eval") / "runs"
+    os.environ["HARNESS_HOME"] = str(home)
+    try:
+        code = _main(["run", "method", "--method", "ncm", *TINY, "--set", "data.val_per_class=3"])
+        assert code == 0
+    finally:
+        os.environ.pop("HARNESS_HOME", None)
+    return home
+
+
+def _main(args):
+    from harness.cli import main
+
+    try:
+        return main(args)
+    except SystemExit as exit_:
+        return exit_.code
+
+
+def test_eval_reproduces_the_logged_test_figures_from_the_kept_weights(finished, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("HARNESS_HOME", str(finished))
+    run = runs(finished).iloc[0]
+    assert "final_weights.pt" in Tracker(f"sqlite:///{finished / 'mlflow.db'}").artifact_names(run["run_id"])
+    code, out, err = run_cli(["eval", run["run_id"][:8], "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    after = runs(finished).iloc[0]
+    for metric in ("top1", "balanced_acc", "medium", "few", "ece", "nll"):
+        # ECE/NLL: float64 here, float32 in the training run's evaluator
+        assert after[f"metrics.eval/balanced/{metric}"] == pytest.approx(run[f"metrics.test/{metric}"], rel=1e-6)
+    code, out, err = run_cli(["eval", run["run_id"][:8], "--shift", "--temperature", "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    after = runs(finished).iloc[0]  # temperature scaling moves calibration, never accuracy
+    assert after["metrics.eval/balanced/top1"] == pytest.approx(run["metrics.test/top1"], abs=1e-6)
+    assert after["metrics.eval/temperature"] > 0
+    assert 0 <= after["metrics.eval/backward-50/mce"] <= 100 and not math.isnan(after["metrics.eval/forward-50/top1"])
+    assert (tmp_path / "shift.png").stat().st_size > 1000 and (tmp_path / "reliability.png").stat().st_size > 1000
+    assert out.count("backward-") == 5 and out.count("forward-") == 5
+
+
+def test_rerun_reproduces_the_final_metrics_and_refuses_other_code(finished, capsys, monkeypatch):
+    monkeypatch.setenv("HARNESS_HOME", str(finished))
+    original = runs(finished).iloc[0]
+    code, out, err = run_cli(["rerun", original["run_id"][:8]], capsys)
+    assert code == 0, err
+    assert "False" not in out and out.count("True") >= 6
+    again = runs(finished)
+    rerun = again[again["tags.rerun_of"] == original["run_id"]].iloc[0]
+    for metric in ("test/top1", "test/few", "test/ece", "test/nll"):
+        assert rerun[f"metrics.{metric}"] == original[f"metrics.{metric}"]
+    tracker = Tracker(f"sqlite:///{finished / 'mlflow.db'}")
+    tracker.set_tags(original["run_id"], {"git_commit": "0123456789abcdef"})
+    code, _, err = run_cli(["rerun", original["run_id"][:8]], capsys)
+    assert code == 2 and "was trained at commit 0123456789ab" in err and "--force" in err and len(err.splitlines()) == 1
+
+
+def test_eval_refuses_an_unknown_run_in_one_line(finished, capsys, monkeypatch):
+    monkeypatch.setenv("HARNESS_HOME", str(finished))
+    code, _, err = run_cli(["eval", "zzzzzz"], capsys)
+    assert code == 2 and "no run in" in err and len(err.splitlines()) == 1
+
+
+def test_config_file_keys_apply_and_set_wins(tmp_path, capsys, harness_home):
+    config = tmp_path / "run.yaml"
+    config.write_text("optim:\n  lr: 0.07\n  batch_size: 16\ntrain.eval_interval: 0\nmethod.tau: 0.5\n")
+    code, _, err = run_cli(["run", "method", "--method", "tau-norm", *TINY, "--config", str(config),
+                            "--set", "optim.batch_size=24"], capsys)
+    assert code == 0, err
+    run = runs(harness_home).iloc[0]
+    assert (run["params.optim.lr"], run["params.optim.batch_size"], run["params.method.tau"]) == ("0.07", "24", "0.5")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  nope: 1\n")
+    code, _, err = run_cli(["run", "method", "--method", "ce", *TINY, "--config", str(bad)], capsys)
+    assert code == 2 and "unknown config key 'optim.nope'" in err
+
+
+def test_every_run_logs_its_cost(finished):
+    from harness.config import config_from_dict  # noqa: F401  (the logged config is what eval rebuilds)
+
+    run = runs(finished).iloc[0]
+    assert run["metrics.cost/params_total"] == run["metrics.cost/params_inference"] > 70_000
+    assert run["metrics.cost/forward_flops_per_image"] > 1e6 and run["metrics.cost/train_pflops"] > 0
+    assert run["metrics.cost/train_images_per_s"] > 0 and run["metrics.cost/peak_memory_mb"] > 50
+    assert 0 < run["metrics.cost/device_hours"] < 1
