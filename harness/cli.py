@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "harness.commands.report",
     "harness.commands.tune",
     "harness.commands.evaluate",
+    "harness.commands.compare",
 )
 
 

@@ -1,5 +1,5 @@
 """Compute accounting for a run, logged as `cost/*` metrics so a table can put accuracy beside what it cost:
-parameters (total, used at inference), forward FLOPs per image at inference, training FLOPs (forward + backward of
+parameters (total, used at inference), forward FLOPs per image at inference, training FLOPs in TFLOPs (forward + backward of
 what each stage trains, times the images it saw), images per second, peak memory and device-hours."""
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def run_cost(spec: MethodSpec, input_shape: tuple[int, ...], stage_images: list[
         "cost/params_total": float(params["total"]),
         "cost/params_inference": float(params["inference"]),
         "cost/forward_flops_per_image": float(forward_flops(spec.model, input_shape)),
-        "cost/train_pflops": sum(f * n for f, n in zip(per_image, stage_images)) / 1e15,
+        "cost/train_tflops": sum(f * n for f, n in zip(per_image, stage_images)) / 1e12,
         "cost/train_images_per_s": images_trained / train_s if train_s > 0 else float("nan"),
         "cost/peak_memory_mb": peak_memory_mb(device),
         "cost/device_hours": wall_s / 3600.0,

@@ -53,12 +53,22 @@ def _col(runs: pd.DataFrame, name: str) -> pd.Series:
     return runs[name] if name in runs.columns else pd.Series([None] * len(runs), index=runs.index, dtype=object)
 
 
-def table_runs(runs: pd.DataFrame, table: TableSpec) -> pd.DataFrame:
-    """The finished child runs of `table` (tag table=<name>, with a row_key)."""
+def table_runs(runs: pd.DataFrame, table: TableSpec, method_runs: bool = False) -> pd.DataFrame:
+    """The finished child runs of `table` (tag table=<name>, with a row_key); with `method_runs`, also the finished
+    `harness run method` runs (tag source) of the method of a row without switches, counted in that row."""
     if runs.empty:
         return runs
-    keep = (_col(runs, "status") == "FINISHED") & (_col(runs, "tags.table") == table.name)
-    return runs[keep & _col(runs, "tags.row_key").notna()]
+    finished = _col(runs, "status") == "FINISHED"
+    keep = finished & (_col(runs, "tags.table") == table.name)
+    mine = runs[keep & _col(runs, "tags.row_key").notna()]
+    if not method_runs:
+        return mine
+    rows = {r.method: r.key for r in table.rows if r.method and not r.switches}
+    method = _col(runs, "tags.source") == "run method"
+    extra = runs[finished & method & _col(runs, "tags.row_key").isin(list(rows))].copy()
+    extra["tags.row_key"] = extra["tags.row_key"].map(rows)
+    extra["tags.table"] = table.name
+    return pd.concat([mine, extra]) if not extra.empty else mine
 
 
 def _as_float(values: pd.Series) -> pd.Series:
@@ -203,9 +213,9 @@ def protocol_line(runs: pd.DataFrame, table: TableSpec, matched: dict[str, tuple
 
 
 def build_report(runs: pd.DataFrame, table: TableSpec, dataset: str | None = None,
-                 imbalance_factor: float | None = None) -> Report:
+                 imbalance_factor: float | None = None, method_runs: bool = False) -> Report:
     """Every row x column cell of `table` from `runs` (see the module docstring for the matching rules)."""
-    mine = table_runs(runs, table)
+    mine = table_runs(runs, table, method_runs)
     cells, matched, used = [], {}, []
     for column in table.columns:
         on_column, chosen, factor = column_runs(mine, table, column, dataset, imbalance_factor)

@@ -38,6 +38,11 @@ OPTIONS: tuple[tuple[tuple[str, ...], dict[str, Any], tuple[str, ...]], ...] = (
     (("--if",), dict(dest="imbalance_factor", type=float, default=None,
                      help="tables: imbalance factor to use where the columns do not fix one"), (TABLE,)),
     (("--no-figures",), dict(action="store_true", help="tables: do not draw the table's figures"), (TABLE,)),
+    (("--cost",), dict(action="store_true", help="tables: add cost columns (parameters at inference, training "
+                                                 "TFLOPs, wall seconds), measured on the first column's runs"),
+     (TABLE,)),
+    (("--with-method-runs",), dict(action="store_true", help="tables: also count `harness run method` runs of a "
+                                                             "row's method (rows without switches)"), (TABLE,)),
     (("--run-id",), dict(default=None, help="figures: the run to draw (fig4: the SHIKE run)"), (FIGURE,)),
     (("--out",), dict(default=None, help="tables: also write the rendered table to this file; figures: folder for "
                                          "the PNG (default <runs>/reports); study: folder for its files"),
@@ -106,10 +111,13 @@ def report_table(args: argparse.Namespace) -> int:
     from harness.tracking import Tracker
 
     table = _table(args.target, TABLES)
+    if args.cost:
+        table = with_cost_columns(table)
     tracker = Tracker(args.tracking_uri)
-    searched = experiments_for(tracker, table, args.experiment)
+    searched = None if args.with_method_runs and not args.experiment else experiments_for(tracker, table,
+                                                                                            args.experiment)
     runs = tracker.search(searched)
-    report = build_report(runs, table, args.dataset, args.imbalance_factor)
+    report = build_report(runs, table, args.dataset, args.imbalance_factor, method_runs=args.with_method_runs)
     if args.format == "rich":
         print_report(report, ", ".join(searched) if searched else "all experiments")
     else:
@@ -131,6 +139,19 @@ def report_table(args: argparse.Namespace) -> int:
             except HarnessError as error:
                 note(f"{name}: not drawn ({error})")
     return 0
+
+
+COST_COLUMNS = (("Params (inference)", "cost/params_inference"), ("Train TFLOPs", "cost/train_tflops"),
+                ("Wall (s)", "wall_time_s"))
+
+
+def with_cost_columns(table: Any) -> Any:
+    """The table with cost columns after its own, each measured on the runs of its first column's setting."""
+    from dataclasses import replace
+
+    first = table.columns[0]
+    extra = tuple(replace(first, label=label, metric=metric) for label, metric in COST_COLUMNS)
+    return replace(table, columns=(*table.columns, *extra))
 
 
 def _table(name: str, tables: Any) -> Any:

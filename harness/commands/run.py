@@ -130,7 +130,9 @@ def run_method(args: argparse.Namespace) -> int:
             name = run_name(args.method, args.dataset, args.imbalance_factor, seed)
             if args.restart:
                 _restart(experiment, name, cfg)
-            result = Run(cfg, tracker, experiment, name).execute(resume=args.resume, progress=progress)
+            # tagged like an ablation row (row_key = the method), so `harness compare` and reports can find it
+            tags = {"row_key": args.method, "source": "run method"}
+            result = Run(cfg, tracker, experiment, name, tags=tags).execute(resume=args.resume, progress=progress)
             m = result.metrics
             lines.append({"method": args.method, "seed": seed, "top1": m["test/top1"], "top5": m["test/top5"],
                           "many": m["test/many"], "medium": m["test/medium"], "few": m["test/few"],

@@ -112,6 +112,48 @@ def test_every_run_logs_its_cost(finished):
 
     run = runs(finished).iloc[0]
     assert run["metrics.cost/params_total"] == run["metrics.cost/params_inference"] > 70_000
-    assert run["metrics.cost/forward_flops_per_image"] > 1e6 and run["metrics.cost/train_pflops"] > 0
+    assert run["metrics.cost/forward_flops_per_image"] > 1e6 and run["metrics.cost/train_tflops"] > 0
     assert run["metrics.cost/train_images_per_s"] > 0 and run["metrics.cost/peak_memory_mb"] > 50
     assert 0 < run["metrics.cost/device_hours"] < 1
+
+
+@pytest.fixture(scope="module")
+def two_methods(tmp_path_factory):
+    """ce and bsce, seeds 0 and 1, from `harness run method` (tagged so compare and reports find them)."""
+    home = tmp_path_factory.mktemp("compare") / "runs"
+    os.environ["HARNESS_HOME"] = str(home)
+    try:
+        for method in ("ce", "bsce"):
+            assert _main(["run", "method", "--method", method, "--seeds", "0,1", *TINY]) == 0
+    finally:
+        os.environ.pop("HARNESS_HOME", None)
+    return home
+
+
+def test_compare_pairs_seeds_and_says_when_a_difference_is_noise(two_methods, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("HARNESS_HOME", str(two_methods))
+    frame = runs(two_methods)
+    top1 = {(m, int(s)): v for m, s, v in zip(frame["tags.row_key"], frame["params.train.seed"],
+                                               frame["metrics.test/top1"])}
+    diffs = [top1[("bsce", s)] - top1[("ce", s)] for s in (0, 1)]
+    code, out, err = run_cli(["compare", "ce", "bsce", "--metrics", "test/top1", "--out", str(tmp_path)], capsys)
+    assert code == 0, err
+    mean = sum(diffs) / 2
+    assert out.startswith(f"bsce - ce, test/top1: {mean:+.2f} ±") and "n=2 seeds" in out
+    half = 12.706204736174698 * abs(diffs[0] - diffs[1]) / 2 ** 0.5 / 2 ** 0.5  # t(0.975, 1) * sd / sqrt(2)
+    assert f"±{half:.2f}" in out
+    assert (tmp_path / "bsce-vs-ce.png").stat().st_size > 1000
+    code, _, err = run_cli(["compare", "ce", "shike"], capsys)
+    assert code == 2 and len(err.splitlines()) == 1
+
+
+def test_reports_count_method_runs_when_asked_and_add_cost_columns(two_methods, capsys, monkeypatch):
+    monkeypatch.setenv("HARNESS_HOME", str(two_methods))
+    code, md, err = run_cli(["report", "table1", "--format", "md", "--no-figures", "--no-log"], capsys)
+    assert code == 0 and "| CE (harness) |  | no runs |" in md
+    code, md, err = run_cli(["report", "table1", "--format", "md", "--no-figures", "--no-log", "--with-method-runs",
+                             "--cost"], capsys)
+    assert code == 0, err
+    line = next(line for line in md.splitlines() if line.startswith("| CE (harness) |"))
+    assert line.count("(n=2)") == 4  # top-1, parameters, training TFLOPs and wall time
+    assert "Train TFLOPs (harness)" in md
