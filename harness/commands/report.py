@@ -41,6 +41,9 @@ OPTIONS: tuple[tuple[tuple[str, ...], dict[str, Any], tuple[str, ...]], ...] = (
     (("--cost",), dict(action="store_true", help="tables: add cost columns (parameters at inference, training "
                                                  "TFLOPs, wall seconds), measured on the first column's runs"),
      (TABLE,)),
+    (("--paired-against",), dict(default=None, metavar="ROW",
+                                 help="tables: each row's paired difference from ROW over the seeds both ran (first "
+                                      "column), flagged when within seed noise"), (TABLE,)),
     (("--with-method-runs",), dict(action="store_true", help="tables: also count `harness run method` runs of a "
                                                              "row's method (rows without switches)"), (TABLE,)),
     (("--run-id",), dict(default=None, help="figures: the run to draw (fig4: the SHIKE run)"), (FIGURE,)),
@@ -127,6 +130,8 @@ def report_table(args: argparse.Namespace) -> int:
             note("\n".join(footer(report)))
     if args.out:
         Path(args.out).write_text(render(report, "md" if args.format == "rich" else args.format))
+    if args.paired_against:
+        print_paired(runs, table, args)
     parent = newest_parent(runs, table)
     if parent and not args.no_log:
         formats = () if args.format == "rich" else (args.format,)
@@ -139,6 +144,35 @@ def report_table(args: argparse.Namespace) -> int:
             except HarnessError as error:
                 note(f"{name}: not drawn ({error})")
     return 0
+
+
+def print_paired(runs: Any, table: Any, args: argparse.Namespace) -> None:
+    """Every row with runs against `--paired-against` on the first column's runs: paired over seeds, the t interval
+    and '(within noise)' where it contains 0; a row whose seeds or split do not match is named and skipped."""
+    from harness.commands.output import note
+    from harness.studies.paired import paired_table, render_paired
+    from harness.studies.report import column_runs, table_runs
+
+    column = table.columns[0]
+    on_column, _, _ = column_runs(table_runs(runs, table, args.with_method_runs), table, column, args.dataset,
+                                  args.imbalance_factor)
+    baseline = table.row(args.paired_against).key
+    present = set(on_column["tags.row_key"]) if not on_column.empty else set()
+    if baseline not in present:
+        raise HarnessError(f"--paired-against {baseline}: no finished run of that row in column {column.label}")
+    found = []
+    for row in table.rows:
+        if row.key == baseline or row.key not in present:
+            continue
+        try:
+            found.append(paired_table(on_column, [(baseline, row.key)], [column.metric]))
+        except ValueError as error:
+            note(f"{row.key}: not paired ({error})")
+    if found:
+        import pandas as pd
+
+        fmt = "text" if args.format in ("rich", "latex", "html") else args.format
+        sys.stdout.write(render_paired(pd.concat(found, ignore_index=True), fmt))
 
 
 COST_COLUMNS = (("Params (inference)", "cost/params_inference"), ("Train TFLOPs", "cost/train_tflops"),

@@ -157,3 +157,13 @@ def test_reports_count_method_runs_when_asked_and_add_cost_columns(two_methods, 
     line = next(line for line in md.splitlines() if line.startswith("| CE (harness) |"))
     assert line.count("(n=2)") == 4  # top-1, parameters, training TFLOPs and wall time
     assert "Train TFLOPs (harness)" in md
+
+
+def test_a_table_pairs_every_row_against_a_baseline(two_methods, capsys, monkeypatch):
+    monkeypatch.setenv("HARNESS_HOME", str(two_methods))
+    code, out, err = run_cli(["report", "table1", "--no-figures", "--no-log", "--with-method-runs",
+                              "--paired-against", "ce", "--format", "md"], capsys)
+    assert code == 0, err
+    assert "| bsce - ce | test/top1 | 2 |" in out
+    code, _, err = run_cli(["report", "table1", "--no-figures", "--no-log", "--paired-against", "ce"], capsys)
+    assert code == 2 and "no finished run of that row" in err
