@@ -6,6 +6,8 @@ recipe "shike" (default): every method on SHIKE's schedule (200 epochs, or 180 +
 recipe "own" (`--preset own`): the method's published CIFAR-100-LT recipe, as its builder's `own_recipe` and
 stage values say (each from baselines.md); where the harness's backbone differs from the method's (LADE's 128-d
 BBN ResNet-32, WB's ResNet-34), the harness keeps its CIFAR ResNet, so parameter counts stay comparable.
+Switch names never reuse SHIKE's (`alpha`, `beta`): the presets set those for every builder that has them, which
+would silently give CB a beta of 0.01 (`cb_beta`, `lade_alpha`; tests/harness/test_contract.py guards it).
 """
 
 from __future__ import annotations
@@ -43,14 +45,14 @@ def focal(*, num_classes: int, class_counts: Sequence[int], recipe: str = "shike
 @METHODS.register("cb")
 @own_recipe(**RECIPE_A)
 def cb(*, num_classes: int, class_counts: Sequence[int], recipe: str = "shike", loss: str = "focal",
-       beta: float = 0.9999, gamma: float = 1.0, shortcut: str = "B", depth: int = 32) -> MethodSpec:
+       cb_beta: float = 0.9999, gamma: float = 1.0, shortcut: str = "B", depth: int = 32) -> MethodSpec:
     """Class-balanced loss (Cui et al. 2019, Eq. 2-4): weights (1 - beta) / (1 - beta^n_c), summing to C, on softmax
     CE (`loss=ce`) or focal (`loss=focal`, the official script's beta 0.9999, gamma 1); per-sample weights averaged
     over the batch, as the official TF code."""
     if loss not in LOSS_BASES:
         raise ValueError(f"unknown cb loss '{loss}'; known: {', '.join(LOSS_BASES)}")
-    term = (FocalLoss(gamma, class_counts, beta) if loss == "focal"
-            else ClassBalancedCE(class_counts, beta, reduction="batchmean"))
+    term = (FocalLoss(gamma, class_counts, cb_beta) if loss == "focal"
+            else ClassBalancedCE(class_counts, cb_beta, reduction="batchmean"))
     return _single(num_classes, f"cb_{loss}", term, recipe, head="linear", shortcut=shortcut, depth=depth)
 
 
@@ -73,12 +75,12 @@ LADE_STEPS = ((0.6, 0.01), (0.8, 1e-4))
 @METHODS.register("lade")
 @own_recipe(optim__batch_size=256, optim__weight_decay=5e-4, optim__lr=0.2, data__augment="basic",
             method__shortcut="A")
-def lade(*, num_classes: int, class_counts: Sequence[int], recipe: str = "shike", alpha: float = 0.1,
+def lade(*, num_classes: int, class_counts: Sequence[int], recipe: str = "shike", lade_alpha: float = 0.1,
          remine_lambda: float = 0.01, shortcut: str = "B", depth: int = 32) -> MethodSpec:
     """LADE (Hong et al. 2021, Eq. 11-13): balanced softmax (PriorCE) + alpha * L_LADER on the same linear head;
     CIFAR alpha 0.1, lambda 0.01. Own recipe: batch 256, lr 0.2, warm-up 5, x0.01 at 60 % and x1e-4 at 80 %."""
     own = {"epochs": 200, "peak_lr": 0.2, "schedule": "step", "warmup_epochs": 5, "lr_steps": LADE_STEPS}
-    return _single(num_classes, "lade", LADELoss(class_counts, alpha, remine_lambda), recipe, head="linear",
+    return _single(num_classes, "lade", LADELoss(class_counts, lade_alpha, remine_lambda), recipe, head="linear",
                    shortcut=shortcut, depth=depth, own=own)
 
 
@@ -113,7 +115,7 @@ def gcl(*, num_classes: int, class_counts: Sequence[int], recipe: str = "shike",
 @METHODS.register("wb")
 @own_recipe(optim__batch_size=64, optim__lr=0.01, data__augment="basic", method__shortcut="A")
 def wb(*, num_classes: int, class_counts: Sequence[int], recipe: str = "shike", weight_decay: float = 5e-3,
-       weight_decay_stage2: float = 0.1, beta: float = 0.9999, thresh: float = 0.1, shortcut: str = "B",
+       weight_decay_stage2: float = 0.1, cb_beta: float = 0.9999, thresh: float = 0.1, shortcut: str = "B",
        depth: int = 32) -> MethodSpec:
     """Weight Balancing (Alshammari et al. 2022): stage 1 CE with a tuned weight decay (5e-3, the demo's); stage 2
     keeps the head and trains it alone with WB's class-balanced softmax-BCE loss (beta 0.9999), weight decay 0.1
@@ -124,7 +126,7 @@ def wb(*, num_classes: int, class_counts: Sequence[int], recipe: str = "shike", 
                                 retrain_head=False, depth=depth)
     stage1 = Stage("representation", (LossTerm("ce", 1.0, ExpertCE()),), weight_decay=weight_decay,
                    **pick(recipe, SHIKE_REPRESENTATION, cosine(320, 0.01)))
-    stage2 = Stage("classifier", (LossTerm("cb_bce", 1.0, CBSoftmaxBCE(class_counts, beta)),), trainable=("head",),
+    stage2 = Stage("classifier", (LossTerm("cb_bce", 1.0, CBSoftmaxBCE(class_counts, cb_beta)),), trainable=("head",),
                    head="head", weight_decay=weight_decay_stage2, constraints=(MaxNorm(1, thresh, every="epoch"),),
                    **pick(recipe, SHIKE_CLASSIFIER, cosine(10, 0.01)))
     return MethodSpec(model, (stage1, stage2))

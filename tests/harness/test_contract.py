@@ -358,3 +358,24 @@ def test_sampled_reweighted_mixed_and_constrained_stages_resume_to_the_same_weig
     Trainer(resumed, cfg, device_feeder(), CPU, tmp_path / "ck.pt").fit(resume=True)
     for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+# keys the presets set for every builder that has them on purpose (the CIFAR ResNet's head and shortcut)
+SHARED_SWITCHES = {"head", "shortcut"}
+
+
+def test_presets_never_change_a_baselines_own_defaults_through_a_shared_switch_name():
+    """BASE sets SHIKE's alpha/beta for every builder with a switch of that name: a baseline's `beta` would become
+    SHIKE's 0.01 (class-balanced weights of all ones, measured). Every non-SHIKE builder keeps its defaults under
+    every SHIKE preset, but for the shared CIFAR ResNet switches."""
+    from harness.config import PRESETS, builder_defaults
+    from harness.registry import METHODS
+
+    for name in METHODS.names():
+        if name in ("shike", "branches"):
+            continue
+        defaults = builder_defaults(METHODS.get(name))
+        for preset in (p for p in PRESETS if p != "own"):
+            resolved = resolve_config(name, preset=preset).method_kwargs
+            changed = {k for k, v in defaults.items() if resolved[k] != v} - SHARED_SWITCHES
+            assert not changed, (name, preset, changed)
