@@ -94,8 +94,9 @@ def git_info() -> dict[str, str]:
 
 def environment(device: torch.device) -> dict[str, str]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    # CPU threads change float reduction order, so a rerun on CPU needs the same count to match to the digit
     return {"device": device.type, "device_name": name, "torch": torch.__version__, "harness": __version__,
-            "python": platform.python_version(), **git_info()}
+            "python": platform.python_version(), "torch_threads": str(torch.get_num_threads()), **git_info()}
 
 
 def _to_device(split: Split, device: torch.device) -> Split:

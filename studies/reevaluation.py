@@ -86,10 +86,15 @@ def evaluate_runs(tracker: Tracker, run_ids: list[str], shift: bool = False, dev
     return found
 
 
-def rerun(tracker: Tracker, run_id: str, force: bool = False, progress: Any = None) -> list[dict[str, Any]]:
+def rerun(tracker: Tracker, run_id: str, force: bool = False, progress: Any = None,
+          threads: int | None = None) -> list[dict[str, Any]]:
     """Train the logged run again (same config, seed and data; the data's manifest must match) as a new run, and
-    compare its final metrics with the original's."""
+    compare its final metrics with the original's. On CPU it uses the run's logged torch thread count (`threads`
+    overrides it; runs logged before the count was name none): another count reorders float sums."""
     cfg, tags = logged_config(tracker, run_id)
+    count = threads or int(tags.get("torch_threads", 0) or 0)
+    if count:
+        torch.set_num_threads(count)
     here = git_info()
     logged_commit = tags.get("git_commit", "unknown")
     if logged_commit != here["git_commit"] and not force:

@@ -21,6 +21,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     rerun = subparsers.add_parser("rerun", help="train a logged run again from its logged config and data manifest")
     rerun.add_argument("run_id", metavar="RUN_ID", help="MLflow run id (a unique prefix is enough)")
     rerun.add_argument("--force", action="store_true", help="rerun even if the git commit differs from the run's")
+    rerun.add_argument("--threads", type=int, default=None,
+                       help="torch CPU threads (default: the run's logged count; results on CPU depend on it)")
     rerun.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: sqlite in ./runs)")
     rerun.set_defaults(func=run_rerun)
 
@@ -59,7 +61,8 @@ def run_rerun(args: argparse.Namespace) -> int:
 
     tracker = Tracker(args.tracking_uri)
     with make_progress() as progress:
-        lines = rerun(tracker, resolve_run_id(tracker, args.run_id), force=args.force, progress=progress)
+        lines = rerun(tracker, resolve_run_id(tracker, args.run_id), force=args.force, progress=progress,
+                      threads=args.threads)
     print_frame(pd.DataFrame(lines), f"rerun of {args.run_id} (tracking: {tracker.uri})")
     return 0
 
