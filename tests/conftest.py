@@ -97,6 +97,7 @@ SHARED_FIXTURE_GROUPS = {
     "tests/studies/test_figures.py": "figures",
     "tests/studies/test_mlflow_server.py": "mlflow-server",
     "tests/studies/test_ui_browser.py": "mlflow-server",
+    "tests/harness/test_eval_rerun.py": "eval-rerun",
 }
 
 

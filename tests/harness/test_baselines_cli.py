@@ -48,6 +48,7 @@ def test_every_baseline_runs_on_cifar100_files_and_fills_table1(tmp_path, capsys
     assert "LDAM-DRW: own paper 42.04 at IF 100 (SHIKE quotes 44.4)." in md
 
 
+@pytest.mark.slow
 def test_own_preset_logs_the_methods_published_recipe(capsys, harness_home, one_torch_thread):
     code, out, err = run_cli(["run", "method", "--method", "ldam-drw", "--dataset", "fmnistlt", "--preset", "own",
                               "--epochs", "2", "--set", "data.n_max=20", "--set", "data.test_per_class=2",

@@ -130,6 +130,7 @@ def two_methods(tmp_path_factory):
     return home
 
 
+@pytest.mark.slow
 def test_compare_pairs_seeds_and_says_when_a_difference_is_noise(two_methods, capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("HARNESS_HOME", str(two_methods))
     frame = runs(two_methods)
@@ -147,6 +148,7 @@ def test_compare_pairs_seeds_and_says_when_a_difference_is_noise(two_methods, ca
     assert code == 2 and len(err.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_reports_count_method_runs_when_asked_and_add_cost_columns(two_methods, capsys, monkeypatch):
     monkeypatch.setenv("HARNESS_HOME", str(two_methods))
     code, md, err = run_cli(["report", "table1", "--format", "md", "--no-figures", "--no-log"], capsys)
@@ -159,6 +161,7 @@ def test_reports_count_method_runs_when_asked_and_add_cost_columns(two_methods, 
     assert "Train TFLOPs (harness)" in md
 
 
+@pytest.mark.slow
 def test_a_table_pairs_every_row_against_a_baseline(two_methods, capsys, monkeypatch):
     monkeypatch.setenv("HARNESS_HOME", str(two_methods))
     code, out, err = run_cli(["report", "table1", "--no-figures", "--no-log", "--with-method-runs",
