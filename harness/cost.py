@@ -12,7 +12,6 @@ import torch
 from harness.method import MethodSpec
 from harness.profile import forward_flops, parameter_counts, train_flops
 
-
 # Metrics read off a clock or the process (they differ between a resumed and an uninterrupted run of the same
 # seed, and between machines); everything else a run logs is a function of its config and seed.
 MEASURED = ("wall_time_s", "time/", "cost/train_images_per_s", "cost/peak_memory_mb", "cost/device_hours")
