@@ -134,7 +134,7 @@ TABLE1 = TableSpec(
         *published(MOE, T1, (
             ("RIDE (3E)", "ride", "2021", 48.3, None), ("ResLT (3E)", "reslt", "2022", 45.3, 50.0),
             ("TLC (4E)", "tlc", "2022", 50.1, None), ("NCL (S)", "ncl-s", "2022", 53.3, 56.8),
-            ("NCL (3N)", "ncl-3n", "2022", 54.2, 58.2)), own=OWN_CIFAR),
+            ("NCL (3N)", "ncl-3n", "2022", 54.2, 58.2)), {"ncl-3n": "ncl"}, OWN_CIFAR),
         row("Ours (3E)", "shike", "shike", {"IF 100": 56.3, "IF 50": 59.8}, MOE, "-"),
         # BALMS is BSCE plus a meta sampler; these are the harness's own single-model rows, with no paper value.
         row("Plain decoupled (harness)", "plain", "plain", {}, HARNESS),

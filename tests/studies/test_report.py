@@ -194,7 +194,7 @@ def test_declared_tables_hold_the_papers_values():
     assert TABLE1.row("paco").method is None and "swapped" in TABLE1.row("paco").own
     assert {r.key for r in TABLE1.rows if r.method} == {"shike", "plain", "ce", "bsce", "la", "focal", "ldam-drw",
                                                         "tau-norm", "crt", "balms", "lade", "gcl", "wb", "la-posthoc",
-                                                        "cb", "cb-ce", "ncm", "lws", "disalign"}
+                                                        "cb", "cb-ce", "ncm", "lws", "disalign", "ncl-3n"}
     assert all(r.paper_value("IF 100") is None for r in TABLE1.rows if r.group.startswith("Harness"))
     assert [TABLE3.row("shike").paper_value(c) for c in ("Many", "Medium", "Few", "All")] == [43.6, 39.2, 44.8, 41.9]
     assert {r.name: r.kwargs for r in TABLE5.rows if r.method} == {
