@@ -9,8 +9,8 @@ linear head (bias); what follows differs:
 - ncm: no training; nearest class mean of centred, normalised training features (post-hoc).
 - disalign: the stage-1 head kept; only DisAlign's calibration (alpha, beta, confidence layer) learns, with
   generalised re-weighted CE, w_c proportional to (N / n_c)^rho (rho = 1.2, the ImageNet-LT config).
-- balms: the stage-1 head fine-tuned with balanced softmax. BALMS's meta sampler (a bilevel, learned sampler) is not
-  implemented: this is the sampler-free variant ("decoupled BS" in the BALMS repository's own runs).
+- balms-sampler-free: the stage-1 head fine-tuned with balanced softmax. BALMS's meta sampler (a bilevel, learned
+  sampler) is not implemented: this is the sampler-free variant ("decoupled BS" in the BALMS repository's runs).
 - la-posthoc: no second stage; logits minus tau * log prior at evaluation.
 
 recipe "shike": SHIKE's 180 + 20 (or 200) epochs and warm-up + cosine schedule. "own": recipe A (LDAM-DRW's CIFAR
@@ -89,13 +89,13 @@ def disalign(*, num_classes: int, class_counts: Sequence[int], recipe: str = "sh
     return MethodSpec(model, (_joint(recipe, single=False), stage2))
 
 
-@METHODS.register("balms")
+@METHODS.register("balms-sampler-free")
 @own_recipe(**RECIPE_A)
 def balms(*, num_classes: int, class_counts: Sequence[int], recipe: str = "shike", shortcut: str = "B",
           freeze_bn_stage2: bool = False, depth: int = 32) -> MethodSpec:
     """BALMS without its meta sampler (Ren et al. 2020, Eq. 4): the stage-1 head fine-tuned with balanced softmax,
-    instance-balanced sampling. The meta sampler's bilevel update is not implemented; the run is named balms and
-    logs `posthoc=none`, `stage.classifier.sampler=instance`, so a table shows it is the sampler-free variant."""
+    instance-balanced sampling. The meta sampler's bilevel update is not implemented, so the method is named
+    `balms-sampler-free` (Table 1's BALMS row runs it and says so in a footnote)."""
     model = _model(num_classes, shortcut, depth)
     term = LossTerm("bsce", 1.0, BalancedSoftmaxCE(class_counts))
     stage2 = _classifier(recipe, term, ("head",), "head", "instance", 10, freeze_bn_stage2)

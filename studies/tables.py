@@ -76,7 +76,7 @@ def published(group: str, columns: tuple[str, ...], entries: tuple[tuple[Any, ..
 
 # Baselines the harness runs, by the paper's row key (Baselines I: methods/reweighting.py, methods/decoupled.py).
 # BALMS runs without its meta sampler (the sampler-free variant; methods/decoupled.py says why).
-BASELINES = {"focal": "focal", "ldam-drw": "ldam-drw", "tau-norm": "tau-norm", "crt": "crt", "balms": "balms",
+BASELINES = {"focal": "focal", "ldam-drw": "ldam-drw", "tau-norm": "tau-norm", "crt": "crt", "balms": "balms-sampler-free",
              "lade": "lade", "gcl": "gcl", "wb": "wb", "ncm": "ncm", "lws": "lws", "disalign": "disalign",
              "la": "la-posthoc"}
 # The methods' own CIFAR-100-LT numbers where SHIKE quotes another (baselines.md section 0; R = recalled there).
