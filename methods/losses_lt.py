@@ -365,7 +365,43 @@ class WeightedCE(LossTermModule):
         return _weighted_ce(out.expert_logits, target, self.weight, self.reduction)
 
 
-class LDAMLoss(LossTermModule):
+def drw_active(epoch: int, epochs: int, drw_start: float | None) -> bool:
+    """Deferred re-weighting is on from epoch round(drw_start * epochs) of the stage (0-based); None: never."""
+    return drw_start is not None and epoch >= int(round(drw_start * epochs))
+
+
+class DeferredReweighting(LossTermModule):
+    """LDAM margins in logit units (`logit_margins` = scale * m_c) and DRW class weights: `weight` is ones before the
+    switch and CB(drw_beta) from it on (`start_epoch`). The one mechanism behind LDAM-DRW, RIDE and TLC;
+    `switched(active)` lets a subclass switch more buffers at the same epoch."""
+
+    logit_margins: torch.Tensor
+    weight: torch.Tensor
+    drw_weight: torch.Tensor
+
+    def __init__(self, class_counts: Counts, max_margin: float, scale: float, drw_beta: float,
+                 drw_start: float | None) -> None:
+        super().__init__()
+        counts = _counts64(class_counts)
+        self.drw_start = drw_start
+        # float32 margins times the scale, as LDAMLoss always computed them (runs keep their results to the bit)
+        self.register_buffer("logit_margins", scale * _ldam_margins64(counts, max_margin).to(torch.float32))
+        self.register_buffer("weight", torch.ones(counts.numel()))
+        self.register_buffer("drw_weight", _class_balanced64(counts, drw_beta).to(torch.float32))
+
+    def start_epoch(self, epoch: int, epochs: int) -> None:
+        active = drw_active(epoch, epochs, self.drw_start)
+        if active:
+            self.weight.copy_(self.drw_weight)
+        else:
+            self.weight.fill_(1.0)
+        self.switched(active)
+
+    def switched(self, active: bool) -> None:
+        pass
+
+
+class LDAMLoss(DeferredReweighting):
     """LDAM-DRW (Cao et al. 2019, Eq. 13 + Alg. 1) summed over experts.
 
     The model's logits are already s * cos (the harness's cosine head multiplies by `scale`), so the margin is
@@ -374,10 +410,6 @@ class LDAMLoss(LossTermModule):
     CB(drw_beta) from then on (official: epoch // 160 of 200 with beta 0.9999); drw_start=None never re-weights.
     reduction "weighted" (default) is the official `F.cross_entropy(weight=)` mean.
     """
-
-    margins: torch.Tensor
-    weight: torch.Tensor
-    drw_weight: torch.Tensor
 
     def __init__(
         self,
@@ -388,24 +420,15 @@ class LDAMLoss(LossTermModule):
         drw_start: float | None = 0.8,
         reduction: str = "weighted",
     ) -> None:
-        super().__init__()
+        super().__init__(class_counts, max_margin, scale, drw_beta, drw_start)
         if reduction not in CE_REDUCTIONS:
             raise ValueError(f"unknown reduction '{reduction}', expected one of {CE_REDUCTIONS}")
-        self.scale, self.drw_start, self.reduction = scale, drw_start, reduction
-        self.register_buffer("margins", ldam_margins(class_counts, max_margin))
-        self.register_buffer("weight", torch.ones_like(self.margins))
-        self.register_buffer("drw_weight", class_balanced_weights(class_counts, drw_beta))
-
-    def start_epoch(self, epoch: int, epochs: int) -> None:
-        if self.drw_start is not None and epoch >= int(round(self.drw_start * epochs)):
-            self.weight.copy_(self.drw_weight)
-        else:
-            self.weight.fill_(1.0)
+        self.scale, self.reduction = scale, reduction
 
     def forward(self, out: ModelOutput, target: torch.Tensor) -> torch.Tensor:
         logits = out.expert_logits
         mask = _target_mask(target, logits.shape[-1])
-        return _weighted_ce(logits - mask * (self.scale * self.margins), target, self.weight, self.reduction)
+        return _weighted_ce(logits - mask * self.logit_margins, target, self.weight, self.reduction)
 
 
 class LADELoss(LossTermModule):

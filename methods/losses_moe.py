@@ -30,7 +30,7 @@ from harness.method import LossTermModule, ModelOutput
 from harness.methods.losses import softmax_kl
 from harness.methods.losses_lt import (
     Counts,
-    _class_balanced64,
+    DeferredReweighting,
     _counts64,
     _dtype,
     _ldam_margins64,
@@ -443,11 +443,7 @@ def bcl_loss(
 
 
 # ---- loss modules ----
-def _drw_active(epoch: int, epochs: int, drw_start: float | None) -> bool:
-    return drw_start is not None and epoch >= int(round(drw_start * epochs))
-
-
-class RIDELoss(LossTermModule):
+class RIDELoss(DeferredReweighting):
     """RIDE (`ride_loss`) on `out.expert_logits`, with `out.logits` (the mean over experts) as the diversity target.
 
     `start_epoch`: from epoch round(drw_start * epochs) (0-based, within the stage) the LDAM base term takes the
@@ -455,9 +451,6 @@ class RIDELoss(LossTermModule):
     epochs of 200, i.e. 0-based epoch 160 = 0.8 * 200); drw_start=None never switches. CIFAR configs: -0.45.
     """
 
-    logit_margins: torch.Tensor
-    weight: torch.Tensor
-    drw_weight: torch.Tensor
     temperature: torch.Tensor
     drw_temperature: torch.Tensor
 
@@ -472,23 +465,18 @@ class RIDELoss(LossTermModule):
         diversity_temperature: float = 1.0,
         reweight_factor: float = 0.05,
     ) -> None:
-        super().__init__()
+        super().__init__(class_counts, max_margin, scale, drw_beta, drw_start)
         counts = _counts64(class_counts)
-        self.drw_start, self.diversity_factor = drw_start, diversity_factor
+        self.diversity_factor = diversity_factor
         self.base_temperature = diversity_temperature
-        self.register_buffer("logit_margins", (scale * _ldam_margins64(counts, max_margin)).to(torch.float32))
-        self.register_buffer("weight", torch.ones(counts.numel()))
-        self.register_buffer("drw_weight", _class_balanced64(counts, drw_beta).to(torch.float32))
         self.register_buffer("temperature", torch.full((counts.numel(),), float(diversity_temperature)))
         drw_temperature = diversity_temperature * _ride_temperature64(counts, reweight_factor)
         self.register_buffer("drw_temperature", drw_temperature.to(torch.float32))
 
-    def start_epoch(self, epoch: int, epochs: int) -> None:
-        if _drw_active(epoch, epochs, self.drw_start):
-            self.weight.copy_(self.drw_weight)
+    def switched(self, active: bool) -> None:
+        if active:
             self.temperature.copy_(self.drw_temperature)
         else:
-            self.weight.fill_(1.0)
             self.temperature.fill_(self.base_temperature)
 
     def forward(self, out: ModelOutput, target: torch.Tensor) -> torch.Tensor:
@@ -496,7 +484,7 @@ class RIDELoss(LossTermModule):
                      self.diversity_factor)
 
 
-class TLCLoss(LossTermModule):
+class TLCLoss(DeferredReweighting):
     """TLC (`tlc_loss`) summed over the experts of `out.expert_logits`; the diversity target is `out.logits` (the
     harness's aggregate; TLC's own model returns its uncertainty-weighted fusion). Dynamic engagement comes from
     `tlc_engagement(out.expert_logits)` (tau = 0.54; `tau=None` keeps every sample).
@@ -506,9 +494,6 @@ class TLCLoss(LossTermModule):
     weights and the per-class diversity temperature. The annealing constant is not rescaled with the stage length.
     """
 
-    logit_margins: torch.Tensor
-    weight: torch.Tensor
-    drw_weight: torch.Tensor
     temperature: torch.Tensor
     drw_temperature: torch.Tensor
     kl_weight: torch.Tensor
@@ -525,13 +510,10 @@ class TLCLoss(LossTermModule):
         diversity_factor: float = 0.01,
         tau: float | None = 0.54,
     ) -> None:
-        super().__init__()
+        super().__init__(class_counts, max_margin, scale, drw_beta, drw_start)
         counts = _counts64(class_counts)
-        self.drw_start, self.reweight_factor, self.annealing = drw_start, reweight_factor, annealing
+        self.reweight_factor, self.annealing = reweight_factor, annealing
         self.diversity_factor, self.tau = diversity_factor, tau
-        self.register_buffer("logit_margins", (scale * _ldam_margins64(counts, max_margin)).to(torch.float32))
-        self.register_buffer("weight", torch.ones(counts.numel()))
-        self.register_buffer("drw_weight", _class_balanced64(counts, drw_beta).to(torch.float32))
         self.register_buffer("temperature", torch.ones(counts.numel()))
         self.register_buffer("drw_temperature", _ride_temperature64(counts, reweight_factor).to(torch.float32))
         self.register_buffer("kl_weight", torch.zeros(()))
@@ -540,11 +522,12 @@ class TLCLoss(LossTermModule):
         drw_epoch = int(round((self.drw_start if self.drw_start is not None else 1.0) * epochs))
         self.kl_weight.fill_(tlc_kl_weight(epoch, reweight_epoch=drw_epoch, annealing=self.annealing,
                                            reweight_factor=self.reweight_factor))
-        if _drw_active(epoch, epochs, self.drw_start):
-            self.weight.copy_(self.drw_weight)
+        super().start_epoch(epoch, epochs)
+
+    def switched(self, active: bool) -> None:
+        if active:
             self.temperature.copy_(self.drw_temperature)
         else:
-            self.weight.fill_(1.0)
             self.temperature.fill_(1.0)
 
     def forward(self, out: ModelOutput, target: torch.Tensor) -> torch.Tensor:

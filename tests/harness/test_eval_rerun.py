@@ -108,8 +108,6 @@ def test_config_file_keys_apply_and_set_wins(tmp_path, capsys, harness_home):
 
 
 def test_every_run_logs_its_cost(finished):
-    from harness.config import config_from_dict  # noqa: F401  (the logged config is what eval rebuilds)
-
     run = runs(finished).iloc[0]
     assert run["metrics.cost/params_total"] == run["metrics.cost/params_inference"] > 70_000
     assert run["metrics.cost/forward_flops_per_image"] > 1e6 and run["metrics.cost/train_tflops"] > 0

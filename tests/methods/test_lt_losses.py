@@ -290,7 +290,7 @@ def test_drw_weights_are_ones_before_the_switch_epoch_and_class_balanced_after()
     never = LDAMLoss(COUNTS, drw_start=None)
     never.start_epoch(199, 200)
     assert torch.equal(never.weight, torch.ones(C))
-    assert {"margins", "weight", "drw_weight"} <= set(module.state_dict())
+    assert {"logit_margins", "weight", "drw_weight"} <= set(module.state_dict())
 
 
 def test_drw_loss_after_switch_is_the_weighted_mean_of_the_official_code() -> None:
