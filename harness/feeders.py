@@ -7,7 +7,7 @@ pass with per-sample randomness, then sliced into batches with no host round tri
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -19,6 +19,9 @@ from harness.errors import HarnessError
 from harness.samplers import Draw
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+# One extra view per entry: None = the batch's own images augmented again; a Draw = an independent draw of images.
+# Views come stacked view-major: images (V*B, ...) = [view 0; view 1; ...], labels likewise (harness.method.View).
+ViewDraws = Sequence[Draw | None]
 
 
 class AugmentedDataset(Dataset):
@@ -39,6 +42,24 @@ class AugmentedDataset(Dataset):
         return self.transform(Image.fromarray(self._hwc[index])), int(self.labels[index])
 
 
+class ViewsDataset(Dataset):
+    """Item k = the items orders[0][k], orders[1][k], ... of `base`, each augmented on its own."""
+
+    def __init__(self, base: AugmentedDataset, orders: list[list[int]]) -> None:
+        self.base, self.orders = base, orders
+
+    def __len__(self) -> int:
+        return len(self.orders[0])
+
+    def __getitem__(self, k: int) -> list[tuple[torch.Tensor, int]]:
+        return [self.base[order[k]] for order in self.orders]
+
+
+def view_orders(first: torch.Tensor, views: ViewDraws, labels: torch.Tensor, generator: torch.Generator) -> list:
+    """The image order of every view: view 0's, then each extra view's (its own draw, or view 0's order again)."""
+    return [first, *(first if draw is None else draw(labels, generator) for draw in views)]
+
+
 class ReferenceFeeder:
     """`transform`: the dataset's per-image training transform (PIL image -> normalised tensor)."""
 
@@ -50,18 +71,33 @@ class ReferenceFeeder:
     def __len__(self) -> int:
         return -(-len(self.dataset) // self.batch_size)
 
-    def epoch(self, seed: int, draw: Draw | None = None) -> Iterator[Batch]:
-        """`draw`: a stage sampler's (labels, generator) -> indices; None shuffles every image once."""
+    def epoch(self, seed: int, draw: Draw | None = None, views: ViewDraws = ()) -> Iterator[Batch]:
+        """`draw`: a stage sampler's (labels, generator) -> indices; None shuffles every image once.
+        `views`: extra views per batch (see `ViewDraws`)."""
         # Transforms draw from torch's global RNG (num_workers=0) or from worker seeds derived from the
         # loader's generator: seeding both per epoch makes every epoch replayable on resume.
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
+        if views:
+            yield from self._views(generator, draw, views)
+            return
         order = None if draw is None else draw(self.dataset.labels, generator).tolist()
         loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=order is None, sampler=order,
                             drop_last=False, num_workers=self.num_workers, generator=generator,
                             pin_memory=self.device.type == "cuda", persistent_workers=False)
         for images, labels in loader:
             yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+    def _views(self, generator: torch.Generator, draw: Draw | None, views: ViewDraws) -> Iterator[Batch]:
+        labels = self.dataset.labels
+        first = torch.randperm(len(labels), generator=generator) if draw is None else draw(labels, generator)
+        orders = [order.tolist() for order in view_orders(first, views, labels, generator)]
+        loader = DataLoader(ViewsDataset(self.dataset, orders), batch_size=self.batch_size, shuffle=False,
+                            drop_last=False, num_workers=self.num_workers, generator=generator,
+                            pin_memory=self.device.type == "cuda", persistent_workers=False)
+        for per_view in loader:  # [(images, labels) of view 0, of view 1, ...]
+            images = torch.cat([v[0] for v in per_view]).to(self.device, non_blocking=True)
+            yield images, torch.cat([v[1] for v in per_view]).to(self.device, non_blocking=True)
 
 
 class DeviceFeeder:
@@ -77,15 +113,22 @@ class DeviceFeeder:
     def __len__(self) -> int:
         return -(-len(self.labels) // self.batch_size)
 
-    def epoch(self, seed: int, draw: Draw | None = None) -> Iterator[Batch]:
+    def epoch(self, seed: int, draw: Draw | None = None, views: ViewDraws = ()) -> Iterator[Batch]:
         self.generator.manual_seed(seed)
         order = (torch.randperm(len(self.labels), device=self.device, generator=self.generator) if draw is None
                  else draw(self.labels, self.generator))
-        # channels_last once per epoch, so the per-step batches are already in the model's memory format
-        images = self.augment(self.images[order], self.generator).contiguous(memory_format=torch.channels_last)
-        labels = self.labels[order]
-        for start in range(0, len(labels), self.batch_size):
-            yield images[start:start + self.batch_size], labels[start:start + self.batch_size]
+        # channels_last once per epoch, so the per-step batches are already in the model's memory format; every
+        # view is its own batched pass, so each image gets independent randomness per view
+        orders = view_orders(order, views, self.labels, self.generator)
+        images = [self.augment(self.images[o], self.generator).contiguous(memory_format=torch.channels_last)
+                  for o in orders]
+        labels = [self.labels[o] for o in orders]
+        for start in range(0, len(order), self.batch_size):
+            end = start + self.batch_size
+            if len(orders) == 1:
+                yield images[0][start:end], labels[0][start:end]
+            else:
+                yield torch.cat([v[start:end] for v in images]), torch.cat([v[start:end] for v in labels])
 
 
 def make_feeder(split: Split, augmentations: Augmentations, augment: str, mean, std, batch_size: int,

@@ -45,6 +45,11 @@ class LTModel(nn.Module):
         """The active head set, one classifier per expert (post-hoc steps such as tau-norm read their weights)."""
         raise NotImplementedError(f"{type(self).__name__} does not expose its classifiers")
 
+    def start_epoch(self, epoch: int, epochs: int) -> None:
+        """Called by the trainer before epoch `epoch` (0-based) of a stage `epochs` long, in training mode: a model
+        whose forward changes with the epoch (BBN's cumulative-learning weight) sets its buffers here, as a function
+        of the epoch alone, so a resumed run sees the same values (buffers are part of the checkpointed state)."""
+
     def inference_parameter_count(self) -> int:
         """Parameters used at inference: everything except the head groups not active."""
         groups = self.parameter_groups()
@@ -110,6 +115,18 @@ class LossTerm:
 
 
 @dataclass(frozen=True)
+class View:
+    """One more view in every training batch of a stage. `sampler` None: the batch's own images augmented again,
+    with independent per-image randomness (two-view contrastive methods: PaCo, BCL); a sampler name
+    (`harness.samplers`): an independent draw of images from that sampler (BBN's reversed branch).
+
+    With V = 1 + len(stage.views) the model receives the views stacked view-major, (V*B, C, H, W) = [view 0; view 1;
+    ...], and every loss term the labels stacked the same way, (V*B,). In evaluation the model sees plain batches."""
+
+    sampler: str | None = None
+
+
+@dataclass(frozen=True)
 class Stage:
     """One training stage; it owns its length and learning-rate schedule, so a method with a third stage (a post-hoc
     or LWS step, say) adds a `Stage` in its builder and changes no engine file.
@@ -128,6 +145,7 @@ class Stage:
     weight_decay: this stage's weight decay; None keeps `optim.weight_decay`.
     mixup: alpha of mixup (Beta(alpha, alpha) per batch, images mixed, every term the mixed criterion); 0 is off.
     constraints: projections applied after optimizer steps (`Constraint`).
+    views: extra views of every training batch (`View`); () is the plain single-view batch.
     """
 
     name: str
@@ -144,6 +162,7 @@ class Stage:
     mixup: float = 0.0
     lr_steps: tuple[tuple[float, float], ...] = ()
     constraints: tuple[Constraint, ...] = ()
+    views: tuple[View, ...] = ()
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Per-stage samplers: which training images an epoch visits, and in what order (Kang et al., ICLR 2020, Eq. 1).
 
 A sampler gives class c the probability p_c = n_c^q / sum_j n_j^q and picks an image of that class uniformly:
-q = 1 is instance-balanced, q = 1/2 square-root, q = 0 class-balanced; progressive moves from instance- to
+q = 1 is instance-balanced, q = 1/2 square-root, q = 0 class-balanced, q = -1 reversed (BBN's re-balancing branch,
+p_c proportional to n_max / n_c, Zhou et al., CVPR 2020, Sec. 3.2); progressive moves from instance- to
 class-balanced over the stage, p_c(t) = (1 - t/T) p_c^IB + (t/T) p_c^CB with t the epoch and T the stage length.
 Every epoch draws N images (the training split's size) with replacement, from a generator seeded per epoch, so an
 epoch is replayable on resume. "instance" is the plain shuffle (each image exactly once), the feeders' own path.
@@ -38,6 +39,7 @@ SAMPLERS: dict[str, Callable[[int, int], float | None]] = {
     "instance": _power(1.0),
     "square-root": _power(0.5),
     "class-balanced": _power(0.0),
+    "reversed": _power(-1.0),
     "progressive": _progressive,
 }
 
@@ -66,3 +68,16 @@ def make_draw(name: str, epoch: int, epochs: int) -> Draw | None:
         return torch.multinomial(per_image.float(), len(labels), replacement=True, generator=generator)
 
     return draw
+
+
+def shuffle(labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Every image once, in a random order: the "instance" draw written out, for views that need their own order."""
+    return torch.randperm(len(labels), generator=generator, device=generator.device)
+
+
+def make_view_draw(sampler: str | None, epoch: int, epochs: int) -> Draw | None:
+    """The draw of one extra view (`harness.method.View`): None for "the batch's own images again", else the
+    sampler's epoch draw ("instance": an independent shuffle)."""
+    if sampler is None:
+        return None
+    return make_draw(sampler, epoch, epochs) or shuffle

@@ -25,7 +25,7 @@ from harness.config import RunConfig, plan_epochs
 from harness.errors import HarnessError
 from harness.hooks import Hook
 from harness.method import MethodSpec, Stage
-from harness.samplers import make_draw
+from harness.samplers import make_draw, make_view_draw
 from harness.schedules import stage_lr
 from harness.seeding import derive_seed
 
@@ -66,6 +66,9 @@ def enter_stage(spec: MethodSpec, stage: Stage, cfg: RunConfig) -> torch.optim.O
         for p in params:
             p.requires_grad_(name in stage.trainable)
     trainable = [p for name in stage.trainable for p in groups[name]]
+    if stage.views and stage.mixup > 0:
+        raise HarnessError(f"stage '{stage.name}' has both views and mixup; the mixed criterion is defined for "
+                           "single-view batches only")
     o = cfg.optim
     weight_decay = o.weight_decay if stage.weight_decay is None else stage.weight_decay
     fused = trainable[0].device.type == "cuda"  # one optimizer kernel per step on CUDA; foreach on CPU
@@ -170,7 +173,7 @@ class Trainer:
         values[-1].backward()
         optimizer.step()
         self.constrain(stage, "step")
-        sums += values.detach() * len(labels)
+        sums += values.detach() * (len(labels) // (1 + len(stage.views)))  # per image, not per view
 
     def constrain(self, stage: Stage, every: str) -> None:
         for constraint in stage.constraints:
@@ -182,15 +185,19 @@ class Trainer:
         for group in optimizer.param_groups:
             group["lr"] = lr
         set_train_mode(self.spec.model, run.stage.freeze_bn)
+        self.spec.model.start_epoch(epoch, run.epochs)
         for term in run.stage.losses:
             term.fn.start_epoch(epoch, run.epochs)
         sums = torch.zeros(len(run.stage.losses) + 1, device=self.device)
         seen = 0
         seed = derive_seed(self.cfg.train.seed, run.index, epoch)
         torch.manual_seed(seed)  # what the step draws (mixup, noisy losses) replays on resume, as the feeder does
-        for images, labels in self.feeder.epoch(seed, make_draw(run.stage.sampler, epoch, run.epochs)):
+        draw = make_draw(run.stage.sampler, epoch, run.epochs)
+        views = [make_view_draw(view.sampler, epoch, run.epochs) for view in run.stage.views]
+        batches = self.feeder.epoch(seed, draw, views) if views else self.feeder.epoch(seed, draw)
+        for images, labels in batches:
             self.step(run.index, optimizer, images, labels, sums)
-            seen += len(labels)
+            seen += len(labels) // (1 + len(views))  # images of the epoch, not views of them
             self._call("after_step")
         self.constrain(run.stage, "epoch")
         self.images_trained += seen

@@ -1,0 +1,173 @@
+"""Multi-view batches (`Stage.views`) and model epoch hooks (`LTModel.start_epoch`): the contract PaCo, BCL and BBN
+need. Views come stacked view-major; a view is either the batch's own images augmented again (independent
+randomness per image and view) or an independent draw from a sampler (BBN's reversed branch)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from torch import nn
+
+from harness.config import resolve_config
+from harness.data import Split
+from harness.datasets.augment import batched_pipeline, per_image_pipeline
+from harness.errors import HarnessError
+from harness.feeders import DeviceFeeder, ReferenceFeeder
+from harness.method import LossTerm, LossTermModule, LTModel, MethodSpec, ModelOutput, Stage, View
+from harness.samplers import class_probabilities, make_view_draw
+from harness.trainer import Trainer
+
+CPU = torch.device("cpu")
+MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
+
+
+def identifiable_split(n: int = 75, num_classes: int = 4) -> Split:
+    """Images whose first two pixels encode their index, so an un-augmented batch names its images."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    index = torch.arange(n)
+    images[:, 0, 0, 0], images[:, 0, 0, 1] = (index % 256).to(torch.uint8), (index // 256).to(torch.uint8)
+    return Split(images, index % num_classes)
+
+
+def image_ids(batch: torch.Tensor) -> torch.Tensor:
+    pixels = ((batch[:, 0, 0, :2] * STD[0] + MEAN[0]) * 255).round().long()
+    return pixels[:, 0] + 256 * pixels[:, 1]
+
+
+def feeders(split: Split, augment: str, batch: int = 32) -> dict[str, object]:
+    return {"reference": ReferenceFeeder(split, per_image_pipeline(augment, MEAN, STD), batch, CPU),
+            "device": DeviceFeeder(split, batched_pipeline(augment, MEAN, STD), batch, CPU)}
+
+
+@pytest.mark.parametrize("path", ["reference", "device"])
+def test_a_second_view_is_the_same_images_stacked_view_major(path):
+    split = identifiable_split()
+    feeder = feeders(split, "none")[path]
+    sizes, seen = [], []
+    for images, labels in feeder.epoch(5, None, [None]):
+        half = len(labels) // 2
+        sizes.append(half)
+        ids = image_ids(images)
+        assert torch.equal(ids[:half], ids[half:]) and torch.equal(labels[:half], labels[half:])
+        assert torch.equal(labels, split.labels[ids])
+        seen += ids[:half].tolist()
+    assert sizes == [32, 32, 11] and sorted(seen) == list(range(75))  # every image once, in both views
+
+
+@pytest.mark.parametrize("path", ["reference", "device"])
+def test_the_views_of_an_image_are_augmented_independently(path):
+    split = identifiable_split(n=64)
+    feeder = feeders(split, "basic", batch=64)[path]
+    images, _ = next(iter(feeder.epoch(3, None, [None])))
+    first, second = images[:64], images[64:]
+    differs = (first - second).abs().flatten(1).amax(dim=1) > 0
+    # crop (81 offsets) x flip (2): two independent draws coincide with probability 1/162 per image
+    assert differs.float().mean() > 0.9
+
+
+def mean_view_difference(feeder, seeds=range(4)) -> float:
+    total, n = 0.0, 0
+    for seed in seeds:
+        for images, _ in feeder.epoch(seed, None, [None]):
+            half = len(images) // 2
+            total += (images[:half] - images[half:]).abs().mean(dim=(1, 2, 3)).sum().item()
+            n += half
+    return total / n
+
+
+def test_both_paths_give_views_that_differ_alike():
+    """Agreement in distribution: the mean |view 0 - view 1| per image, which depends on how both views' crops and
+    flips are drawn, is the same on the reference and the device path within sampling noise (4 epochs of 64)."""
+    split = identifiable_split(n=64)
+    paths = feeders(split, "basic", batch=64)
+    reference, device = (mean_view_difference(paths[p]) for p in ("reference", "device"))
+    assert reference > 0.1 and abs(reference - device) / reference < 0.1
+
+
+@pytest.mark.parametrize("path", ["reference", "device"])
+def test_a_sampler_view_draws_its_own_images(path):
+    """BBN's reversed branch: view 1 draws classes with p_c proportional to 1 / n_c, view 0 is the plain epoch."""
+    counts = (64, 32, 16, 8)
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+    g = torch.Generator().manual_seed(1)
+    split = Split(torch.randint(0, 256, (len(labels), 3, 8, 8), dtype=torch.uint8, generator=g), labels)
+    feeder = feeders(split, "none", batch=40)[path]
+    first, second = Counter(), Counter()
+    for seed in range(20):
+        for _, y in feeder.epoch(seed, None, [make_view_draw("reversed", 0, 1)]):
+            half = len(y) // 2
+            first.update(y[:half].tolist())
+            second.update(y[half:].tolist())
+    assert [first[c] for c in range(4)] == [20 * n for n in counts]
+    expected = class_probabilities(torch.tensor(counts), -1.0) * 20 * len(labels)
+    observed = torch.tensor([second[c] for c in range(4)], dtype=torch.float64)
+    assert torch.allclose(observed, expected, rtol=0.15)
+    assert torch.allclose(class_probabilities(torch.tensor(counts), -1.0),
+                          torch.tensor([1, 2, 4, 8], dtype=torch.float64) / 15)
+
+
+# ----------------------------------------------------------------------------------------------- the trainer
+
+
+class TwoViewModel(LTModel):
+    """Records what it sees: the batch sizes in training and every start_epoch call; its epoch is a buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 4))
+        self.register_buffer("epoch_seen", torch.tensor(-1))
+        self.batches: list[int] = []
+        self.epochs: list[tuple[int, int]] = []
+
+    def parameter_groups(self):
+        return {"backbone": [], "head": list(self.body.parameters())}
+
+    def start_epoch(self, epoch: int, epochs: int) -> None:
+        self.epochs.append((epoch, epochs))
+        self.epoch_seen.fill_(epoch)
+
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        if self.training:
+            self.batches.append(len(x))
+        z = self.body(x.float())
+        return ModelOutput(logits=z, expert_logits=z[None])
+
+
+class ViewCE(LossTermModule):
+    """CE on every view; records the target sizes it gets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.targets: list[int] = []
+
+    def forward(self, out: ModelOutput, target: torch.Tensor) -> torch.Tensor:
+        self.targets.append(len(target))
+        return nn.functional.cross_entropy(out.logits, target)
+
+
+ONE_MORE_VIEW = (View(),)
+
+
+def two_view_trainer(views=ONE_MORE_VIEW, mixup: float = 0.0) -> tuple[Trainer, TwoViewModel, ViewCE]:
+    cfg = resolve_config("ce", epochs="3", overrides={"optim.batch_size": 32})
+    model, term = TwoViewModel(), ViewCE()
+    stage = Stage("views", (LossTerm("ce", 1.0, term),), epochs=3, views=tuple(views), mixup=mixup)
+    feeder = ReferenceFeeder(identifiable_split(), per_image_pipeline("basic", MEAN, STD), 32, CPU)
+    return Trainer(MethodSpec(model, (stage,)), cfg, feeder, CPU), model, term
+
+
+def test_the_trainer_feeds_every_view_and_counts_images_once():
+    trainer, model, term = two_view_trainer()
+    trainer.fit()
+    assert model.batches == term.targets == [64, 64, 22] * 3
+    assert trainer.images_trained == 3 * 75
+    assert model.epochs == [(0, 3), (1, 3), (2, 3)] and int(model.epoch_seen) == 2
+
+
+def test_views_with_mixup_are_refused():
+    trainer, _, _ = two_view_trainer(mixup=0.2)
+    with pytest.raises(HarnessError, match="views and mixup"):
+        trainer.fit()
