@@ -10,7 +10,7 @@ import sys
 import torch
 
 from harness.method import MethodSpec
-from harness.profile import forward_flops, parameter_counts, train_flops
+from harness.profile import forward_flops, multiview_train_flops, parameter_counts, train_flops
 
 # Metrics read off a clock or the process (they differ between a resumed and an uninterrupted run of the same
 # seed, and between machines); everything else a run logs is a function of its config and seed.
@@ -23,7 +23,7 @@ def is_measured(key: str) -> bool:
 
 def stage_train_flops(spec: MethodSpec, input_shape: tuple[int, ...]) -> list[int]:
     """Forward + backward FLOPs per image of each stage, with only that stage's parameter groups trainable (the
-    model's requires_grad flags and head are restored afterwards)."""
+    model's requires_grad flags and head are restored afterwards); a stage with extra views counts every view."""
     model = spec.model
     flags = {id(p): p.requires_grad for p in model.parameters()}
     head = model.active_head
@@ -35,7 +35,9 @@ def stage_train_flops(spec: MethodSpec, input_shape: tuple[int, ...]) -> list[in
             for name, params in groups.items():
                 for p in params:
                     p.requires_grad_(name in stage.trainable)
-            out.append(train_flops(model, input_shape))
+            views = 1 + len(stage.views)
+            out.append(train_flops(model, input_shape) if views == 1
+                       else multiview_train_flops(model, views, (2, *input_shape[1:])))
     finally:
         for p in model.parameters():
             p.requires_grad_(flags[id(p)])

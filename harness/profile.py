@@ -3,6 +3,8 @@ as in performance-anchors section 1.1). Only convs and matmuls are counted; BN, 
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -62,4 +64,23 @@ def train_flops(model: nn.Module, input_shape: tuple[int, ...] = (1, 3, 32, 32))
                 torch.autograd.grad(loss, params, allow_unused=True)
     finally:
         model.train(was_training)
+    return counter.get_total_flops() // input_shape[0]
+
+
+def multiview_train_flops(model: nn.Module, views: int, input_shape: tuple[int, ...] = (1, 3, 32, 32)) -> int:
+    """Forward + backward FLOPs per training image of a stage whose batches carry `views` views per image
+    (`harness.method.View`): counted in training mode, where such models do what only training does (a second view,
+    a momentum encoder's keys, a re-balancing branch), on a copy of the model, so that no BN statistic, queue or
+    momentum encoder of the real one moves. Divided by the images, not by the views."""
+    replica = copy.deepcopy(model)
+    replica.train()
+    for p, q in zip(model.parameters(), replica.parameters()):
+        q.requires_grad_(p.requires_grad)
+    params = [p for p in replica.parameters() if p.requires_grad]
+    x = _sample_input(replica, (views * input_shape[0], *input_shape[1:]))
+    counter = FlopCounterMode(display=False)
+    with torch.enable_grad(), counter:
+        loss = _logits(replica(x)).sum()
+        if params:
+            torch.autograd.grad(loss, params, allow_unused=True)
     return counter.get_total_flops() // input_shape[0]

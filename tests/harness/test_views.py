@@ -171,3 +171,19 @@ def test_views_with_mixup_are_refused():
     trainer, _, _ = two_view_trainer(mixup=0.2)
     with pytest.raises(HarnessError, match="views and mixup"):
         trainer.fit()
+
+
+def test_training_flops_of_a_multiview_stage_count_every_view_and_move_no_state():
+    from harness.cost import stage_train_flops
+    from harness.profile import multiview_train_flops, train_flops
+
+    model = TwoViewModel()
+    model.bn = nn.BatchNorm1d(4)
+    one = train_flops(model, (1, 3, 32, 32))
+    assert one == 4 * 3 * 32 * 32 * 4  # forward 2*D*C, weight gradient 2*D*C (no gradient for the input image)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert multiview_train_flops(model, 2, (2, 3, 32, 32)) == 2 * one
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and model.batches == []
+    term = LossTerm("ce", 1.0, ViewCE())
+    spec = MethodSpec(model, (Stage("one", (term,)), Stage("two", (term,), views=(View(), View()))))
+    assert stage_train_flops(spec, (1, 3, 32, 32)) == [one, 3 * one]
