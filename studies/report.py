@@ -129,7 +129,7 @@ def make_cell(row: Row, column: Column, runs: pd.DataFrame) -> dict[str, Any]:
     """One cell: statistics over the row's seeds, the paper's value and the difference (NaN where either is)."""
     metric = f"metrics.{column.metric}"
     mine = seed_runs(runs, row)
-    values = list(_as_float(_col(mine, metric))) if not mine.empty else []
+    values = [v * column.scale for v in _as_float(_col(mine, metric))] if not mine.empty else []
     stats = cell_stats(values)
     paper = row.paper_value(column.label)
     diff = stats["mean"] - paper if paper is not None and stats["n"] else math.nan

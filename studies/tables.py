@@ -36,6 +36,7 @@ class Column:
     dataset: str  # dataset the column is measured on
     imbalance_factor: float | None = None
     requires: tuple[tuple[str, str], ...] = ()  # (run param, value) a run must have to count here (e.g. backbone)
+    scale: float = 1.0  # shown = logged x scale (parameters in millions, FLOPs in G)
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class TableSpec:
     protocol: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
     notes: tuple[str, ...] = ()  # printed under the table: what the harness cannot map, and why
+    cost: bool = False  # report cost columns (parameters, FLOPs, training compute, wall time) without --cost
 
     def row(self, key_or_name: str) -> Row:
         for row in self.rows:
@@ -118,6 +120,7 @@ PROTOCOL_LARGE = "paper: 200 epochs (180 + 20 classifier re-training); the harne
 T1 = ("IF 100", "IF 50")
 TABLE1 = TableSpec(
     name="table1",
+    cost=True,
     title="SHIKE Table 1: top-1 (%) on CIFAR-100-LT, ResNet-32",
     columns=(Column("IF 100", "test/top1", "cifar100lt", 100.0), Column("IF 50", "test/top1", "cifar100lt", 50.0)),
     rows=(
@@ -154,6 +157,7 @@ TABLE1 = TableSpec(
 T2 = ("ImageNet-LT R-50", "ImageNet-LT RX-50", "iNat R-50")
 TABLE2 = TableSpec(
     name="table2",
+    cost=True,
     title="SHIKE Table 2: top-1 (%) on ImageNet-LT and iNaturalist 2018",
     columns=(Column(T2[0], "test/top1", "imagenetlt", requires=(("method.backbone", "resnet50"),)),
              Column(T2[1], "test/top1", "imagenetlt", requires=(("method.backbone", "resnext50"),)),
@@ -182,6 +186,7 @@ TABLE2 = TableSpec(
 T3 = ("Many", "Medium", "Few", "All")
 TABLE3 = TableSpec(
     name="table3",
+    cost=True,
     title="SHIKE Table 3: top-1 (%) on Places-LT by split, ResNet-152",
     columns=(Column("Many", "test/many", "placeslt"), Column("Medium", "test/medium", "placeslt"),
              Column("Few", "test/few", "placeslt"), Column("All", "test/top1", "placeslt")),

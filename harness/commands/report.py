@@ -38,8 +38,9 @@ OPTIONS: tuple[tuple[tuple[str, ...], dict[str, Any], tuple[str, ...]], ...] = (
     (("--if",), dict(dest="imbalance_factor", type=float, default=None,
                      help="tables: imbalance factor to use where the columns do not fix one"), (TABLE,)),
     (("--no-figures",), dict(action="store_true", help="tables: do not draw the table's figures"), (TABLE,)),
-    (("--cost",), dict(action="store_true", help="tables: add cost columns (parameters at inference, training "
-                                                 "TFLOPs, wall seconds), measured on the first column's runs"),
+    (("--cost",), dict(action="store_true", help="tables: add cost columns (parameters in millions and GFLOPs "
+                                                 "per image at inference, training TFLOPs, wall seconds), measured on "
+                                                 "the first column's runs; tables 1-3 always show them"),
      (TABLE,)),
     (("--paired-against",), dict(default=None, metavar="ROW",
                                  help="tables: each row's paired difference from ROW over the seeds both ran (first "
@@ -114,7 +115,7 @@ def report_table(args: argparse.Namespace) -> int:
     from harness.tracking import Tracker
 
     table = _table(args.target, TABLES)
-    if args.cost:
+    if args.cost or table.cost:
         table = with_cost_columns(table)
     tracker = Tracker(args.tracking_uri)
     searched = None if args.with_method_runs and not args.experiment else experiments_for(tracker, table,
@@ -175,8 +176,9 @@ def print_paired(runs: Any, table: Any, args: argparse.Namespace) -> None:
         sys.stdout.write(render_paired(pd.concat(found, ignore_index=True), fmt))
 
 
-COST_COLUMNS = (("Params (inference)", "cost/params_inference"), ("Train TFLOPs", "cost/train_tflops"),
-                ("Wall (s)", "wall_time_s"))
+# (label, metric, scale): what a row costs beside what it scores; SHIKE's argument is partly cost.
+COST_COLUMNS = (("Params (M)", "cost/params_inference", 1e-6), ("GFLOPs/img", "cost/forward_flops_per_image", 1e-9),
+                ("Train TFLOPs", "cost/train_tflops", 1.0), ("Wall (s)", "wall_time_s", 1.0))
 
 
 def with_cost_columns(table: Any) -> Any:
@@ -184,7 +186,7 @@ def with_cost_columns(table: Any) -> Any:
     from dataclasses import replace
 
     first = table.columns[0]
-    extra = tuple(replace(first, label=label, metric=metric) for label, metric in COST_COLUMNS)
+    extra = tuple(replace(first, label=label, metric=metric, scale=scale) for label, metric, scale in COST_COLUMNS)
     return replace(table, columns=(*table.columns, *extra))
 
 

@@ -155,8 +155,8 @@ def test_reports_count_method_runs_when_asked_and_add_cost_columns(two_methods, 
                              "--cost"], capsys)
     assert code == 0, err
     line = next(line for line in md.splitlines() if line.startswith("| CE (harness) |"))
-    assert line.count("(n=2)") == 4  # top-1, parameters, training TFLOPs and wall time
-    assert "Train TFLOPs (harness)" in md
+    assert line.count("(n=2)") == 5  # top-1, parameters, inference GFLOPs, training TFLOPs and wall time
+    assert "Train TFLOPs (harness)" in md and "Params (M) (harness)" in md and "GFLOPs/img (harness)" in md
 
 
 @pytest.mark.slow
