@@ -71,9 +71,10 @@ class ShiftedLabels:
     def __len__(self) -> int:
         return len(self.feeder)
 
-    def epoch(self, seed: int, draw=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, labels in self.feeder.epoch(seed, draw):
-            yield images, labels.roll(-1)
+    def epoch(self, seed: int, draw=None, views=()) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels in self.feeder.epoch(seed, draw, views):
+            # a stage with extra views (`Stage.views`) gets them stacked view-major: shift within every view
+            yield images, labels.view(1 + len(views), -1).roll(-1, dims=1).flatten()
 
     @staticmethod
     def split(split: Split) -> Split:

@@ -23,10 +23,11 @@ def test_method_builds_and_every_stage_trains(name):
     groups = spec.model.parameter_groups()
     for stage in spec.stages:
         spec.model.use_head(stage.head)
-        out = spec.model(x)
-        assert out.logits.shape == (4, len(COUNTS))
-        assert out.expert_logits.shape[1:] == (4, len(COUNTS))
-        values = {term.name: term.fn(out, y) for term in stage.losses}
+        views = 1 + len(stage.views)  # a multi-view stage's batches come stacked view-major (harness.method.View)
+        out = spec.model(torch.cat([x] * views))
+        assert out.logits.shape[1:] == (len(COUNTS),) and out.logits.shape[0] in (4, 4 * views)
+        assert out.expert_logits.shape[-2:] == out.logits.shape
+        values = {term.name: term.fn(out, torch.cat([y] * views)) for term in stage.losses}
         assert values and all(torch.isfinite(v) and v.ndim == 0 for v in values.values())
         assert len(set(values)) == len(stage.losses)  # every term has its own log name
         sum(t.weight * values[t.name] for t in stage.losses).backward()
