@@ -6,6 +6,7 @@ import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -59,6 +60,38 @@ class Split:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """What one image is as the model sees it, (3, H, W)."""
+        return tuple(self.images.shape[1:])
+
+
+# The side of the crop a file-backed split is fed at: RandomResizedCrop(224) in training, Resize(256) +
+# CenterCrop(224) at test (all LT codebases for ImageNet-LT, iNat and Places-LT; large-scale-lt.md section 2.1).
+DEFAULT_CROP = 224
+
+
+@dataclass(frozen=True)
+class FileSplit:
+    """A split too large to hold in memory: image files under `root` named by `paths` (relative, as in the
+    dataset's list files) with int64 `labels` (N,) on the CPU. `crop` is the side of the square the model sees
+    (training crops and test centre crops); `harness.file_feeder` reads and transforms the files."""
+
+    root: Path
+    paths: tuple[str, ...]
+    labels: torch.Tensor
+    crop: int = DEFAULT_CROP
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return (3, self.crop, self.crop)
+
+
+AnySplit = Split | FileSplit
+
 
 @dataclass(frozen=True)
 class LTData:
@@ -66,14 +99,14 @@ class LTData:
     split carved from the training file (never from the test set)."""
 
     name: str
-    train: Split
-    test: Split
+    train: Split | FileSplit
+    test: Split | FileSplit
     class_counts: tuple[int, ...]
     class_names: tuple[str, ...]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     manifest: dict[str, Any]
-    val: Split | None = None
+    val: Split | FileSplit | None = None
 
     @property
     def num_classes(self) -> int:
@@ -95,10 +128,15 @@ Stats = tuple[float, ...]
 class Augmentations:
     """How a dataset's training images are augmented: `per_image(augment, mean, std)` gives the PIL transform of
     the reference DataLoader path; `batched(augment, mean, std)` gives a callable (uint8 images on the device,
-    torch.Generator) -> normalised floats for the device-resident fast path (None: the dataset has none)."""
+    torch.Generator) -> normalised floats for the device-resident fast path (None: the dataset has none).
+    File-backed datasets (`FileSplit`) give `per_file(augment, mean, std, crop)`: a PIL image of any size ->
+    normalised (3, crop, crop) tensor, and may name the augmentations a GPU decoding pipeline (DALI) reproduces
+    exactly in `gpu_decodable` (`harness.dali_feeder`)."""
 
     per_image: Callable[[str, Stats, Stats], Callable[..., Any]]
     batched: Callable[[str, Stats, Stats], Callable[..., Any]] | None = None
+    per_file: Callable[[str, Stats, Stats, int], Callable[..., Any]] | None = None
+    gpu_decodable: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -117,6 +155,11 @@ class DatasetSpec:
     description: str = ""
     class_names: tuple[str, ...] = field(default=())
     augmentations: Augmentations | None = None
+    # True where the class profile is the dataset's own (list files: ImageNet-LT, iNat 2018, Places-LT): `counts()`
+    # is then only an exponential stand-in, and the real counts need the data (`build`).
+    fixed_profile: bool = False
+    # verify(data_root=..., limit=...) -> a report with `.ok`, `.lines()` and `.as_dict()` (`harness data verify`)
+    verify: Callable[..., Any] | None = None
 
     def counts(self, imbalance_factor: float, n_max: int | None = None) -> list[int]:
         return long_tail_counts(n_max or self.default_n_max, self.num_classes, imbalance_factor)

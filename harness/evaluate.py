@@ -5,13 +5,14 @@ The final-epoch figures are the reported ones; nothing here selects a checkpoint
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from harness.data import Split, shot_groups
+from harness.data import FileSplit, Split, shot_groups
 from harness.method import LTModel
 
 ECE_BINS = 15  # as MiSLAS reports
@@ -32,8 +33,22 @@ def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
     return (images.float() / 255.0 - m) / s
 
 
+def eval_batches(split: Split | FileSplit, mean, std, device: torch.device, batch_size: int
+                 ) -> Iterator[torch.Tensor]:
+    """Normalised test-transform batches of a split in order, on `device`: an in-memory Split is sliced (on the
+    device where it lives there); a FileSplit is read and resized + centre-cropped (`harness.file_feeder`)."""
+    if isinstance(split, FileSplit):
+        from harness.file_feeder import file_eval_batches  # PIL/DataLoader, only for file-backed splits
+
+        yield from file_eval_batches(split, mean, std, device, batch_size)
+        return
+    images = split.images.to(device, non_blocking=True)
+    for start in range(0, len(split), batch_size):
+        yield normalize(images[start:start + batch_size], mean, std)
+
+
 @torch.no_grad()
-def predict(model: LTModel, split: Split, mean, std, device: torch.device, batch_size: int = 0,
+def predict(model: LTModel, split: Split | FileSplit, mean, std, device: torch.device, batch_size: int = 0,
             autocast: bool = False, features: bool = False) -> Predictions:
     """Forward the whole split in eval mode (BN running statistics), restoring the model's mode afterwards.
 
@@ -45,9 +60,8 @@ def predict(model: LTModel, split: Split, mean, std, device: torch.device, batch
     model.eval()
     logits, experts, pooled = [], [], []
     try:
-        images = split.images.to(device, non_blocking=True)
-        for start in range(0, len(split), batch_size):
-            x = normalize(images[start:start + batch_size], mean, std).contiguous(memory_format=memory_format)
+        for batch in eval_batches(split, mean, std, device, batch_size):
+            x = batch.contiguous(memory_format=memory_format)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 out = model(x)
             logits.append(out.logits.float())

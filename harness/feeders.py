@@ -8,13 +8,14 @@ pass with per-sample randomness, then sliced into batches with no host round tri
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from harness.data import Augmentations, Split
+from harness.data import Augmentations, FileSplit, Split
 from harness.errors import HarnessError
 from harness.samplers import Draw
 
@@ -131,9 +132,15 @@ class DeviceFeeder:
                 yield torch.cat([v[start:end] for v in images]), torch.cat([v[start:end] for v in labels])
 
 
-def make_feeder(split: Split, augmentations: Augmentations, augment: str, mean, std, batch_size: int,
-                device: torch.device, fast_path: str, num_workers: int = 0) -> ReferenceFeeder | DeviceFeeder:
-    """`fast_path`: auto (device feeder on CUDA only, where the dataset has a batched pipeline), on, off."""
+def make_feeder(split: Split | FileSplit, augmentations: Augmentations, augment: str, mean, std, batch_size: int,
+                device: torch.device, fast_path: str, num_workers: int = 0, loader: str = "auto") -> Any:
+    """`fast_path`: auto (device feeder on CUDA only, where the dataset has a batched pipeline), on, off.
+    A file-backed split gets `harness.file_feeder`'s feeder instead, chosen by `loader` (data.loader)."""
+    if isinstance(split, FileSplit):
+        from harness.file_feeder import make_file_feeder
+
+        return make_file_feeder(split, augmentations, augment, mean, std, batch_size, device, fast_path,
+                                num_workers, loader)
     batched = augmentations.batched is not None
     if fast_path == "on" and not batched:
         raise HarnessError("train.fast_path=on, but this dataset has no batched augmentation; use fast_path=off")

@@ -36,7 +36,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="intra-op threads for the step and epoch benchmarks (default: unchanged; use 1 on a busy "
                              "machine, where OpenMP threads oversubscribed by other processes stall for seconds)")
     parser.set_defaults(func=run)
-    _add_gpu_parser(parser.add_subparsers(dest="bench_command", metavar="{gpu}"))
+    commands = parser.add_subparsers(dest="bench_command", metavar="{gpu,data}")
+    _add_gpu_parser(commands)
+    _add_data_parser(commands)
 
 
 def _add_gpu_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -51,6 +53,57 @@ def _add_gpu_parser(subparsers: argparse._SubParsersAction) -> None:
     gpu.add_argument("--only", default="", help="comma-separated phase names (default: all)")
     gpu.add_argument("--quick", action="store_true", help="tiny data, CPU allowed: checks the command itself")
     gpu.set_defaults(func=run_gpu)
+
+
+def _add_data_parser(subparsers: argparse._SubParsersAction) -> None:
+    data = subparsers.add_parser("data", help="images/s of the file-backed input paths (ImageFolder-style baseline, "
+                                              "the harness's file feeder, DALI where installed) on a generated tree")
+    data.add_argument("--dataset", default="imagenetlt", help="layout of the generated tree (imagenetlt, inat2018, "
+                                                              "placeslt)")
+    data.add_argument("--augment", default="randaugment", help="training transform (randaugment, colorjitter, basic)")
+    data.add_argument("--images", type=int, default=None, help="JPEGs in the tree (default 512; --quick 48)")
+    data.add_argument("--image-size", default=None, metavar="WxH", help="source JPEG size (default 500x375)")
+    data.add_argument("--batch-size", type=int, default=None, help="batch (default 64)")
+    data.add_argument("--workers", type=int, default=None, help="DataLoader workers of both torchvision paths "
+                                                                "(default 2)")
+    data.add_argument("--repeats", type=int, default=None, help="interleaved timed epochs per loader (default 3)")
+    data.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    data.add_argument("--quick", action="store_true", help="tiny tree and crops (seconds; tests and smoke checks)")
+    data.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    data.set_defaults(func=run_data)
+
+
+def _data_plan(args: argparse.Namespace) -> Any:
+    from harness.studies.bench.data import DataBenchPlan
+
+    plan = DataBenchPlan(dataset=args.dataset, augment=args.augment)
+    plan = plan.quick() if args.quick else plan
+    given: dict[str, Any] = {k: getattr(args, k) for k in ("images", "batch_size", "workers", "repeats")
+                             if getattr(args, k) is not None}
+    if args.image_size:
+        width, _, height = args.image_size.partition("x")
+        if not (width.isdigit() and height.isdigit()):
+            raise HarnessError(f"--image-size takes WxH in pixels (e.g. 500x375), got '{args.image_size}'")
+        given["image_size"] = (int(width), int(height))
+    plan = replace(plan, **given)
+    if plan.images < 10 or plan.batch_size < 1 or plan.workers < 0 or plan.repeats < 1:
+        raise HarnessError("bench data needs --images >= 10, --batch-size >= 1, --workers >= 0, --repeats >= 1")
+    return plan
+
+
+def run_data(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from harness.commands.options import check_dataset
+    from harness.runner import resolve_device
+    from harness.studies.bench.data import bench_data, data_table
+
+    check_dataset(args.dataset)
+    report = bench_data(_data_plan(args), resolve_device(args.device))
+    Console(stderr=args.json).print(data_table(report))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    return 0
 
 
 def _names(text: str) -> tuple[str, ...]:

@@ -24,9 +24,9 @@ def test_import_resolves_to_repo_package():
 
 
 def test_registry_names_and_unknown_name():
-    assert DATASETS.names() == ["cifar100lt", "cifar10lt", "fmnistlt"]
-    with pytest.raises(HarnessError, match="cifar100lt, cifar10lt, fmnistlt"):
-        get_dataset("imagenetlt")
+    assert DATASETS.names() == ["cifar100lt", "cifar10lt", "fmnistlt", "imagenetlt", "inat2018", "placeslt"]
+    with pytest.raises(HarnessError, match="cifar100lt, cifar10lt, fmnistlt, imagenetlt, inat2018, placeslt"):
+        get_dataset("imagenet-lt")
 
 
 @pytest.mark.parametrize("name", ["cifar100lt", "cifar10lt", "fmnistlt"])
