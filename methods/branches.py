@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from harness.errors import HarnessError
 from harness.method import LossTerm, LTModel, MethodSpec, ModelOutput, Stage
 from harness.methods.losses import ExpertCE
 from harness.methods.models.heads import make_head
@@ -91,6 +92,7 @@ def branches(
     align_relu: str = "code",
     freeze_bn_stage2: bool = False,
     depth: int = 32,
+    backbone: str = "resnet32",
 ) -> MethodSpec:
     """SHIKE Fig. 1 probe: ResNet-32 with a classifier on each of its branches.
 
@@ -99,7 +101,12 @@ def branches(
     features, so the trunk is a plain CE ResNet-32 and the shallow branches are probes of it.
     Stage 1: CE summed over branches. Stage 2 (Eq. 11): fresh heads for every branch, balanced softmax, trunk
     and aligners frozen.
+    backbone: "resnet32" only (Fig. 1 is a CIFAR ResNet-32 figure; this probe has its own model, not
+    `build_expert_resnet`, so the torchvision backbones are refused rather than silently ignored).
     """
+    if backbone != "resnet32":
+        raise HarnessError(f"branches is the CIFAR ResNet-32 probe of Fig. 1; backbone '{backbone}' is not built for "
+                           "it (use backbone=resnet32)")
     sources = parse_sources(shallow) or ()
     model = BranchResNet(num_classes=num_classes, shallow=sources, joint=joint, shortcut=shortcut, head=head,
                          scale=scale, align_relu=align_relu, depth=depth)

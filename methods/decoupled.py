@@ -32,9 +32,13 @@ from harness.methods.recipes import LDAM, RECIPE_A, SHIKE_CLASSIFIER, SHIKE_REPR
 from harness.registry import METHODS
 
 
-def _model(num_classes: int, shortcut: str, depth: int, retrain_head: bool = False, calibration: str = "none"):
+def _model(num_classes: int, shortcut: str, depth: int, retrain_head: bool = False, calibration: str = "none",
+           net: dict | None = None):
+    """net: the builder's backbone / pretrained / freeze switches (`build_expert_resnet`; pretrained "" = random)."""
+    net = dict(net or {})
+    net["pretrained"] = net.get("pretrained") or None
     return build_expert_resnet(num_classes=num_classes, experts=1, dkf=False, shortcut=shortcut, head="linear",
-                               retrain_head=retrain_head, depth=depth, calibration=calibration)
+                               retrain_head=retrain_head, depth=depth, calibration=calibration, **net)
 
 
 def _joint(recipe: str, single: bool) -> Stage:
@@ -49,17 +53,20 @@ def _classifier(recipe: str, term: LossTerm, trainable: tuple[str, ...], head: s
                  **pick(recipe, SHIKE_CLASSIFIER, cosine(own_epochs, own_peak)))
 
 
-def _one_stage_posthoc(num_classes: int, shortcut: str, depth: int, recipe: str, step: PostHoc) -> MethodSpec:
-    return MethodSpec(_model(num_classes, shortcut, depth), (_joint(recipe, single=True),), posthoc=(step,))
+def _one_stage_posthoc(num_classes: int, shortcut: str, depth: int, recipe: str, step: PostHoc,
+                       net: dict | None = None) -> MethodSpec:
+    return MethodSpec(_model(num_classes, shortcut, depth, net=net), (_joint(recipe, single=True),), posthoc=(step,))
 
 
 @METHODS.register("crt")
 @own_recipe(**RECIPE_A)
 def crt(*, num_classes: int, class_counts: Sequence[int], recipe: str = "shike", shortcut: str = "B",
-        freeze_bn_stage2: bool = False, depth: int = 32) -> MethodSpec:
+        freeze_bn_stage2: bool = False, depth: int = 32,
+        backbone: str = "resnet32", pretrained: str = "", freeze: str = "none") -> MethodSpec:
     """Classifier re-training (Kang et al. 2020, Sec. 4, `cls_crt.yaml`): a re-initialised linear head, CE,
     class-balanced sampling, backbone frozen."""
-    model = _model(num_classes, shortcut, depth, retrain_head=True)
+    model = _model(num_classes, shortcut, depth, retrain_head=True,
+                   net=dict(backbone=backbone, pretrained=pretrained, freeze=freeze))
     stage2 = _classifier(recipe, LossTerm("ce", 1.0, ExpertCE()), ("retrain_head",), "retrain_head",
                          "class-balanced", 10, freeze_bn_stage2)
     return MethodSpec(model, (_joint(recipe, single=False), stage2))
@@ -68,10 +75,12 @@ def crt(*, num_classes: int, class_counts: Sequence[int], recipe: str = "shike",
 @METHODS.register("lws")
 @own_recipe(**RECIPE_A)
 def lws(*, num_classes: int, class_counts: Sequence[int], recipe: str = "shike", shortcut: str = "B",
-        freeze_bn_stage2: bool = False, depth: int = 32) -> MethodSpec:
+        freeze_bn_stage2: bool = False, depth: int = 32,
+        backbone: str = "resnet32", pretrained: str = "", freeze: str = "none") -> MethodSpec:
     """Learnable weight scaling (Kang et al. 2020, Sec. 4, `cls_lws.yaml`): z'_c = f_c (w_c x + b_c); only f
     learns (5 epochs, class-balanced sampling, CE)."""
-    model = _model(num_classes, shortcut, depth, calibration="lws")
+    model = _model(num_classes, shortcut, depth, calibration="lws",
+                   net=dict(backbone=backbone, pretrained=pretrained, freeze=freeze))
     stage2 = _classifier(recipe, LossTerm("ce", 1.0, ExpertCE()), ("calibration",), "head", "class-balanced", 5,
                          freeze_bn_stage2)
     return MethodSpec(model, (_joint(recipe, single=False), stage2))
@@ -80,10 +89,12 @@ def lws(*, num_classes: int, class_counts: Sequence[int], recipe: str = "shike",
 @METHODS.register("disalign")
 @own_recipe(**RECIPE_A)
 def disalign(*, num_classes: int, class_counts: Sequence[int], recipe: str = "shike", rho: float = 1.2,
-             shortcut: str = "B", freeze_bn_stage2: bool = False, depth: int = 32) -> MethodSpec:
+             shortcut: str = "B", freeze_bn_stage2: bool = False, depth: int = 32,
+        backbone: str = "resnet32", pretrained: str = "", freeze: str = "none") -> MethodSpec:
     """DisAlign (Zhang et al. 2021, Eq. 3-6): adaptive calibration of the kept head, trained alone with GRW CE
     (w_c proportional to (N / n_c)^rho, normalised to sum C; rho 1.2 as the ImageNet-LT config)."""
-    model = _model(num_classes, shortcut, depth, calibration="disalign")
+    model = _model(num_classes, shortcut, depth, calibration="disalign",
+                   net=dict(backbone=backbone, pretrained=pretrained, freeze=freeze))
     term = LossTerm("grw_ce", 1.0, WeightedCE(grw_weights(class_counts, rho)))
     stage2 = _classifier(recipe, term, ("calibration",), "head", "instance", 10, freeze_bn_stage2)
     return MethodSpec(model, (_joint(recipe, single=False), stage2))
@@ -92,11 +103,12 @@ def disalign(*, num_classes: int, class_counts: Sequence[int], recipe: str = "sh
 @METHODS.register("balms-sampler-free")
 @own_recipe(**RECIPE_A)
 def balms(*, num_classes: int, class_counts: Sequence[int], recipe: str = "shike", shortcut: str = "B",
-          freeze_bn_stage2: bool = False, depth: int = 32) -> MethodSpec:
+          freeze_bn_stage2: bool = False, depth: int = 32,
+        backbone: str = "resnet32", pretrained: str = "", freeze: str = "none") -> MethodSpec:
     """BALMS without its meta sampler (Ren et al. 2020, Eq. 4): the stage-1 head fine-tuned with balanced softmax,
     instance-balanced sampling. The meta sampler's bilevel update is not implemented, so the method is named
     `balms-sampler-free` (Table 1's BALMS row runs it and says so in a footnote)."""
-    model = _model(num_classes, shortcut, depth)
+    model = _model(num_classes, shortcut, depth, net=dict(backbone=backbone, pretrained=pretrained, freeze=freeze))
     term = LossTerm("bsce", 1.0, BalancedSoftmaxCE(class_counts))
     stage2 = _classifier(recipe, term, ("head",), "head", "instance", 10, freeze_bn_stage2)
     return MethodSpec(model, (_joint(recipe, single=False), stage2))
@@ -105,24 +117,30 @@ def balms(*, num_classes: int, class_counts: Sequence[int], recipe: str = "shike
 @METHODS.register("tau-norm")
 @own_recipe(**RECIPE_A)
 def tau_norm(*, num_classes: int, class_counts: Sequence[int], recipe: str = "shike", tau: float = 1.0,
-             shortcut: str = "B", depth: int = 32) -> MethodSpec:
+             shortcut: str = "B", depth: int = 32,
+        backbone: str = "resnet32", pretrained: str = "", freeze: str = "none") -> MethodSpec:
     """tau-normalised classifier (Kang et al. 2020, Eq. 3, `tau_norm.py`): joint CE, then w_c / ||w_c||^tau with
     the bias dropped. The paper picks tau on a validation split (`harness tune` with `method.tau`)."""
-    return _one_stage_posthoc(num_classes, shortcut, depth, recipe, TauNorm(tau))
+    return _one_stage_posthoc(num_classes, shortcut, depth, recipe, TauNorm(tau),
+                              dict(backbone=backbone, pretrained=pretrained, freeze=freeze))
 
 
 @METHODS.register("ncm")
 @own_recipe(**RECIPE_A)
 def ncm(*, num_classes: int, class_counts: Sequence[int], recipe: str = "shike", shortcut: str = "B",
-        depth: int = 32) -> MethodSpec:
+        depth: int = 32,
+        backbone: str = "resnet32", pretrained: str = "", freeze: str = "none") -> MethodSpec:
     """Nearest class mean (Kang et al. 2020, Sec. 4, `KNNClassifier.py` "cl2n"): joint CE, then class means of
     centred, L2-normalised features from a non-augmented pass over the training split."""
-    return _one_stage_posthoc(num_classes, shortcut, depth, recipe, NCM())
+    return _one_stage_posthoc(num_classes, shortcut, depth, recipe, NCM(),
+                              dict(backbone=backbone, pretrained=pretrained, freeze=freeze))
 
 
 @METHODS.register("la-posthoc")
 @own_recipe(**RECIPE_A)
 def la_posthoc(*, num_classes: int, class_counts: Sequence[int], recipe: str = "shike", tau: float = 1.0,
-               shortcut: str = "B", depth: int = 32) -> MethodSpec:
+               shortcut: str = "B", depth: int = 32,
+        backbone: str = "resnet32", pretrained: str = "", freeze: str = "none") -> MethodSpec:
     """Post-hoc logit adjustment (Menon et al. 2021, Eq. 8): CE training, then argmax of z - tau log pi."""
-    return _one_stage_posthoc(num_classes, shortcut, depth, recipe, LogitAdjust(class_counts, tau))
+    return _one_stage_posthoc(num_classes, shortcut, depth, recipe, LogitAdjust(class_counts, tau),
+                              dict(backbone=backbone, pretrained=pretrained, freeze=freeze))

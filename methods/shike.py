@@ -48,20 +48,32 @@ def shike(
     align_relu: str = "code",
     freeze_bn_stage2: bool = False,
     depth: int = 32,
+    backbone: str = "resnet32",
+    arrangement: str = "",
+    pretrained: str = "",
+    freeze: str = "none",
+    split: str = "layer4",
+    dkf_align: str = "conv3x3",
 ) -> MethodSpec:
     """SHIKE. Stage 1 (Eq. 10): sum_m CE(z^m, y) + alpha * L_nt + beta * L_mu; stage 2: Eq. 11.
 
     alpha weights DKT (L_nt, Eq. 5-9) and beta mutual KL (L_mu, Eq. 4), in the units of `kl_reduction`:
     batchmean (per sample; official = 0.1 / 0.01 on CIFAR-100) or mean (official literal: 10 / 1, over B*C).
     depth: the CIFAR ResNet depth of each expert's trunk (32 official; 8/14/20 for quick CPU runs).
+    backbone: "resnet32" (CIFAR, official) or resnet50 | resnext50_32x4d | resnet152 (torchvision, Tables 2, 3, 5);
+    arrangement: Table 5's depth string ("ABC", "ABCA", ...; sets the expert count); pretrained: "" (random),
+    a torchvision state-dict path or "torchvision"; freeze: "none" | "trunk" (Places-LT); split, dkf_align: where
+    the experts start and the aligner design (`build_expert_resnet`).
     A switched-off component is absent from the objective, not multiplied by zero.
     """
     model = build_expert_resnet(num_classes=num_classes, experts=experts, dkf=dkf, shortcut=shortcut, head=head,
-                                scale=scale, dkf_sources=parse_sources(dkf_sources), align_relu=align_relu, depth=depth)
+                                scale=scale, dkf_sources=parse_sources(dkf_sources), align_relu=align_relu, depth=depth,
+                                backbone=backbone, arrangement=arrangement, pretrained=pretrained or None,
+                                freeze=freeze, split=split, dkf_align=dkf_align)
     terms = [LossTerm("ce", 1.0, ExpertCE())]
     if l_nt and alpha > 0:
         terms.append(LossTerm("nt", alpha, DKT(variant=dkt_variant, reduction=kl_reduction, detach=detach)))
-    if l_mu and beta > 0 and experts > 1:
+    if l_mu and beta > 0 and model.num_experts > 1:  # an arrangement sets the expert count
         terms.append(LossTerm("mu", beta, MutualKL(reduction=kl_reduction, detach=detach)))
     representation = Stage("representation", tuple(terms), epochs=180, peak_lr=0.15)  # cifarTrain.py:105-112
     return MethodSpec(model, (representation, classifier_retraining(class_counts, freeze_bn_stage2)))

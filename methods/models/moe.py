@@ -2,17 +2,24 @@
 
 Shared stem + layer1 + layer2; each expert m owns a copy of layer3 and a head. With DKF (paper Eq. 3), expert m
 multiplies its 64x8x8 layer3 output element-wise with a shallow feature map aligned to 64x8x8 by strided convs.
-experts=1, dkf=False is a plain ResNet-32.
+experts=1, dkf=False is a plain ResNet-32. `build_expert_resnet(backbone=...)` also builds the same model on
+torchvision's ResNet-50 family (`resnet_tv.py`), through the `BACKBONES` registry.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
+from harness.errors import HarnessError
 from harness.method import LTModel, ModelOutput
+from harness.methods.models.dkf_align import parse_arrangement
 from harness.methods.models.heads import CALIBRATIONS, make_head
 from harness.methods.models.resnet_cifar import Stem, blocks_per_stage, init_weights, make_stage
+from harness.methods.models.resnet_tv import STAGES as STAGES_TV
+from harness.methods.models.resnet_tv import TV_BACKBONES, build_tv_experts
 
 STAGE_WIDTHS = (16, 32, 64)
 ALIGN_RELU_MODES = ("code", "all")
@@ -180,18 +187,66 @@ def build_expert_resnet(
     in_channels: int = 3,
     depth: int = 32,
     calibration: str = "none",
-) -> ExpertResNet:
-    """Build SHIKE's CIFAR model; the defaults are the official code (`networks.py`, `resnet32(use_norm=True, num_exps=3)`).
+    backbone: str = "resnet32",
+    arrangement: str = "",
+    pretrained: str | None = None,
+    freeze: str = "none",
+    split: str = "layer4",
+    dkf_align: str = "conv3x3",
+) -> LTModel:
+    """Build SHIKE's multi-expert model on `backbone` (a name of `BACKBONES`); the defaults are the official
+    code (`networks.py`, `resnet32(use_norm=True, num_exps=3)`).
 
-    experts: number of layer3 copies (M). dkf: fuse shallow features (paper Eq. 3); False gives a plain MoE.
-    shortcut: "B" (official, 1x1 projection) or "A" (zero padding). head: "cosine" (official, logits scaled by
-    `scale`) or "linear" (paper wording). dkf_sources: per expert 1 (layer1) or 2 (layer2); None cycles (1, 2)
-    as the official code does; ignored when dkf is False. align_relu: "code" or "all" (see `ShallowAligner`).
-    depth: CIFAR ResNet depth 6n+2 (32 = 5 blocks per stage, the official; 8 = 1 block, 20 = 3, 56 = 9).
-    retrain_head: also build the separate, fresh heads used after classifier re-training (official `rt_classifiers`).
-    calibration: "none", "lws" (per-class scales) or "disalign" (adaptive calibration) after each head, in the
-    parameter group "calibration"; both are the identity until a stage trains them.
+    experts: number of per-expert last stages (M). dkf: fuse shallow features (paper Eq. 3); False gives a plain MoE.
+    head: "cosine" (official, logits scaled by `scale`) or "linear" (paper wording).
+    arrangement: Table 5's depth string ("ABC", "ABCA", ...): one expert per letter, A/B/C = the output of shared
+    stage 1/2/3; when given it sets the number of experts (`experts` is then unused) and each expert's DKF source.
+    dkf_sources: the same per expert as stage numbers (1 = layer1, ...); None and no arrangement: the official cycle.
+    align_relu: "code" or "all" (see `ShallowAligner`). retrain_head: also build the separate, fresh heads used
+    after classifier re-training (official `rt_classifiers`). calibration: "none", "lws" (per-class scales) or
+    "disalign" (adaptive calibration) after each head, in the parameter group "calibration"; both are the identity
+    until a stage trains them.
+    CIFAR knobs (backbone "resnet32"): shortcut "B" (official, 1x1 projection) or "A" (zero padding); depth 6n+2
+    (32 = 5 blocks per stage, the official; 8 = 1 block, 20 = 3, 56 = 9).
+    torchvision knobs (resnet50, resnext50_32x4d, resnet152; `resnet_tv.py`): pretrained (a state-dict path or
+    "torchvision"), freeze ("none" | "trunk"), split (the first stage experts own: "layer4" | "layer3"), dkf_align
+    ("conv3x3" | "chain1x1" | "pool1x1", `dkf_align.py`).
     """
+    if backbone not in BACKBONES:
+        raise HarnessError(f"unknown backbone '{backbone}'; known: {', '.join(BACKBONES)}")
+    return BACKBONES[backbone](
+        backbone=backbone, num_classes=num_classes, experts=experts, dkf=dkf, shortcut=shortcut, head=head,
+        scale=scale, dkf_sources=dkf_sources, align_relu=align_relu, retrain_head=retrain_head,
+        in_channels=in_channels, depth=depth, calibration=calibration, arrangement=arrangement,
+        pretrained=pretrained, freeze=freeze, split=split, dkf_align=dkf_align)
+
+
+def _cifar_experts(
+    *,
+    num_classes: int,
+    experts: int,
+    dkf: bool,
+    shortcut: str,
+    head: str,
+    scale: float,
+    dkf_sources: tuple[int, ...] | None,
+    align_relu: str,
+    retrain_head: bool,
+    in_channels: int,
+    depth: int,
+    calibration: str,
+    arrangement: str,
+    **torchvision_only: object,
+) -> ExpertResNet:
+    """The CIFAR ResNet-32 family (`ExpertResNet`); an arrangement may use A (layer1) and C (layer2, the stage before
+    the experts' own), Table 5's letters on this network (`CIFAR_DEPTH_LETTERS`)."""
+    unused = {k: v for k, v in torchvision_only.items() if k != "backbone" and v != CIFAR_FIXED[k]}
+    if unused:
+        raise HarnessError(f"{', '.join(sorted(unused))} apply to the torchvision backbones only "
+                           f"({', '.join(TV_BACKBONES)}), not to resnet32")
+    if arrangement:
+        dkf_sources = parse_arrangement(arrangement, cifar=True)
+        experts = len(dkf_sources)
     sources = default_dkf_sources(experts) if dkf_sources is None else tuple(int(s) for s in dkf_sources)
     if dkf and len(sources) != experts:
         raise ValueError(f"dkf_sources has {len(sources)} entries for {experts} experts")
@@ -211,3 +266,29 @@ def build_expert_resnet(
         depth=depth,
         calibration=calibration,
     )
+
+
+# What the CIFAR model takes as fixed (the torchvision-only switches at their defaults).
+CIFAR_FIXED = {"pretrained": None, "freeze": "none", "split": "layer4", "dkf_align": "conv3x3"}
+
+
+def _torchvision_experts(*, backbone: str, experts: int, dkf: bool, dkf_sources: tuple[int, ...] | None,
+                         arrangement: str, split: str, shortcut: str, depth: int, **kwargs: object) -> LTModel:
+    """torchvision's ResNet-50 family (`resnet_tv.py`); `shortcut` and `depth` are CIFAR knobs and do not apply.
+    Without an arrangement or dkf_sources, expert m fuses depth "ABC"[m % 3] (3 experts: ABC, Fig. 3)."""
+    shared = STAGES_TV.index(split) if split in STAGES_TV else 3
+    if arrangement:
+        sources = parse_arrangement(arrangement, shared_stages=shared)
+    elif dkf_sources is not None:
+        sources = tuple(int(s) for s in dkf_sources)
+    else:
+        sources = tuple(1 + m % shared for m in range(experts))
+    return build_tv_experts(backbone=backbone, experts=len(sources), sources=sources if dkf else (), split=split,
+                            **kwargs)  # type: ignore[arg-type]
+
+
+# backbone name -> model builder; every builder takes build_expert_resnet's keywords.
+BACKBONES: dict[str, Callable[..., LTModel]] = {
+    "resnet32": _cifar_experts,
+    **dict.fromkeys(TV_BACKBONES, _torchvision_experts),
+}

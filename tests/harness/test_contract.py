@@ -361,7 +361,7 @@ def test_sampled_reweighted_mixed_and_constrained_stages_resume_to_the_same_weig
 
 
 # keys the presets set for every builder that has them on purpose (the CIFAR ResNet's head and shortcut)
-SHARED_SWITCHES = {"head", "shortcut"}
+SHARED_SWITCHES = {"head", "shortcut", "backbone", "pretrained", "freeze"}
 
 
 def test_presets_never_change_a_baselines_own_defaults_through_a_shared_switch_name():
