@@ -3,6 +3,9 @@
 Every run is an MLflow run. Its checkpoint folder (keyed by experiment, run name and config hash) holds the
 latest atomic checkpoint and a small state file with the MLflow run id, so `resume` continues a killed run in the
 same MLflow run and skips a finished one.
+
+Under DDP (`torchrun` or `--nproc-per-node`, harness.distributed) every process executes the run; rank 0 alone
+tracks, journals, shows progress and writes the run's files, and every process returns once rank 0 is done.
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ from harness import __version__
 from harness.checkpoint import load_checkpoint, load_json, save_json
 from harness.config import RunConfig, flatten, plan_epochs, stage_overrides
 from harness.cost import run_cost
-from harness.data import LTData, Split
+from harness.data import FileSplit, LTData, Split
+from harness.distributed import LOCAL, Local, replicas, world_size
 from harness.errors import HarnessError
 from harness.evaluate import Evaluator
 from harness.feeders import make_feeder
+from harness.file_feeder import file_loading, with_crop
 from harness.hooks import Hook
 from harness.method import MethodSpec
 from harness.naming import checkpoint_dir
@@ -57,9 +62,10 @@ class RunResult:
 def build_data(cfg: RunConfig) -> LTData:
     d = cfg.data
     spec = DATASETS.get(d.dataset)
-    return spec.build(imbalance_factor=d.imbalance_factor, profile=d.profile, n_max=d.n_max or None,
+    data = spec.build(imbalance_factor=d.imbalance_factor, profile=d.profile, n_max=d.n_max or None,
                       data_root=d.data_root or None, download=d.download, data_seed=d.data_seed,
                       val_per_class=d.val_per_class, test_per_class=d.test_per_class)
+    return with_crop(data, file_loading(d).image_size)  # file-backed splits only
 
 
 def build_method(cfg: RunConfig, data: LTData) -> MethodSpec:
@@ -96,10 +102,13 @@ def environment(device: torch.device) -> dict[str, str]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     # CPU threads change float reduction order, so a rerun on CPU needs the same count to match to the digit
     return {"device": device.type, "device_name": name, "torch": torch.__version__, "harness": __version__,
-            "python": platform.python_version(), "torch_threads": str(torch.get_num_threads()), **git_info()}
+            "python": platform.python_version(), "torch_threads": str(torch.get_num_threads()),
+            "world_size": str(world_size()), **git_info()}
 
 
-def _to_device(split: Split, device: torch.device) -> Split:
+def _to_device(split: Split | FileSplit, device: torch.device) -> Split | FileSplit:
+    if isinstance(split, FileSplit):  # read from disk batch by batch at evaluation
+        return split
     return Split(split.images.to(device), split.labels.to(device))
 
 
@@ -164,9 +173,30 @@ class TrackingHook(Hook):
         self.flush()
 
 
+class FollowerTracking(TrackingHook):
+    """The tracking hook of a DDP process other than rank 0: rank 0 alone journals, logs and writes the state."""
+
+    def before_train(self, trainer: Trainer) -> None:
+        pass
+
+    def after_epoch(self, trainer: Trainer, epoch: int, metrics: dict[str, Any]) -> None:
+        pass
+
+    def after_checkpoint(self, trainer: Trainer) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def flush_checkpointed(self, trainer: Trainer) -> None:
+        pass
+
+
 class Run:
     """The glue object for one run; `execute()` is the whole pipeline. `hooks` are added after the run's own
     (evaluation, tracking, progress), so they see each epoch's evaluation."""
+
+    replicas: Local = LOCAL  # this process's part of the run (harness.distributed); set by `execute`
 
     def __init__(self, cfg: RunConfig, tracker: Tracker, experiment: str, run_name: str, *,
                  parent_run_id: str | None = None, tags: dict[str, Any] | None = None,
@@ -179,7 +209,7 @@ class Run:
     def prepare(self) -> None:
         seed_everything(self.cfg.train.seed)
         set_deterministic(self.cfg.train.deterministic)
-        self.device = resolve_device(self.cfg.train.device)
+        self.device = self.replicas.place(resolve_device(self.cfg.train.device))
         self.data = build_data(self.cfg)
         # Evaluation splits live on the device for the whole run (the fast path's "test evaluation on the device").
         on_device = self.device.type == "cuda"
@@ -265,13 +295,17 @@ class Run:
     def log_weights(self) -> None:
         """The final weights as the artifact `final_weights.pt` (the model's state dict; post-hoc steps are refitted
         from the training split when `harness eval` loads them), beside the run's config and manifest."""
+        if not self.replicas.is_main:
+            return
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / FINAL_WEIGHTS
             torch.save(self.spec.model.state_dict(), path)
             self.tracker.log_file(self.run_id, path)
 
     def execute(self, resume: bool = False, progress: Any = None) -> RunResult:
-        state = load_json(self.folder / "state.json")
+        self.replicas = replicas(sync_bn=self.cfg.train.sync_bn)
+        self.tracker = self.replicas.tracker(self.tracker)
+        state = self.replicas.from_main(lambda: load_json(self.folder / "state.json"))  # one decision for all
         if state is not None and state.get("finished") and resume:
             return RunResult(self.name, state["run_id"], state["metrics"], state["wall_time_s"], skipped=True)
         if state is not None and not state.get("finished") and not resume:
@@ -281,15 +315,17 @@ class Run:
         clock = time.perf_counter()
         self.prepare()
         self.start_tracking(resume_state)
-        save_json(self.folder / "state.json", {"run_id": self.run_id, "finished": False})
+        main = self.replicas.is_main
+        if main:
+            save_json(self.folder / "state.json", {"run_id": self.run_id, "finished": False})
         started = time.perf_counter() - (resume_state or {}).get("elapsed_s", 0.0)
-        tracking = TrackingHook(self, started)
-        feeder = self._feeder()
+        tracking = (TrackingHook if main else FollowerTracking)(self, started)
+        feeder = self.replicas.shard(self._feeder(), self.cfg.optim.batch_size)
         hooks: list[Hook] = [EvaluationHook(self), tracking]
-        if progress is not None:
+        if progress is not None and main:
             hooks.append(progress_hook(progress, self.name, feeder))
         trainer = Trainer(self.spec, self.cfg, feeder, self.device, self.folder / "checkpoint.pt",
-                          hooks=[*hooks, *self.extra_hooks])
+                          hooks=[*hooks, *self.extra_hooks], replicas=self.replicas)
         timings = {"setup_s": time.perf_counter() - clock}
         try:
             clock = time.perf_counter()
@@ -312,18 +348,20 @@ class Run:
             self.tracker.end(self.run_id, "FAILED" if isinstance(error, Exception) else "KILLED")
             raise
         wall = time.perf_counter() - started
-        cost = run_cost(self.spec, (1, *self.data.train.images.shape[1:]),
+        cost = run_cost(self.spec, (1, *self.data.train.sample_shape),
                         [run.epochs * len(self.data.train) for run in trainer.stages], timings["train_s"],
                         trainer.images_trained, wall, self.device)
         self.log_final({**metrics, **cost, **{f"time/{k}": v for k, v in timings.items()}}, wall,
                        trainer.total_epochs)
         self.log_weights()
         self.tracker.end(self.run_id)
-        save_json(self.folder / "state.json", {"run_id": self.run_id, "finished": True, "metrics": metrics,
-                                               "wall_time_s": wall})
-        (self.folder / "checkpoint.pt").unlink(missing_ok=True)
-        tracking.journal.unlink(missing_ok=True)
+        if main:
+            save_json(self.folder / "state.json", {"run_id": self.run_id, "finished": True, "metrics": metrics,
+                                                   "wall_time_s": wall})
+            (self.folder / "checkpoint.pt").unlink(missing_ok=True)
+            tracking.journal.unlink(missing_ok=True)
         self.tracker.finish_run(self.run_id)  # replays what a tracking server that went away missed, or says how
+        self.replicas.barrier()  # every process returns once rank 0 has logged the run (a study reads it next)
         return RunResult(self.name, self.run_id, metrics, wall, details=self.details, timings=timings)
 
     def _feeder(self) -> Any:
@@ -332,4 +370,4 @@ class Run:
         if augmentations is None:
             raise HarnessError(f"dataset '{self.cfg.data.dataset}' declares no training augmentations")
         return make_feeder(d.train, augmentations, self.cfg.data.augment, d.mean, d.std, self.cfg.optim.batch_size,
-                           self.device, t.fast_path, t.num_workers)
+                           self.device, t.fast_path, t.num_workers, loader=file_loading(self.cfg.data).loader)

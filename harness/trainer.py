@@ -6,13 +6,15 @@ the epoch from the stage's sampler, sum the weighted loss terms (mixed criterion
 constraints after each step or epoch, and log each term by name (`loss/<name>`, unweighted).
 Loss sums stay on the device during the epoch and are read once at its end (no per-step host syncs).
 A checkpoint is written atomically after every epoch; `resume` continues from it to the same result.
+Under DDP (`replicas`, harness.distributed) the forward goes through the stage's DDP wrapper (`model_call`), the
+epoch's loss sums are summed over the processes before they are read, and rank 0 alone writes the checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from torch import nn
 
 from harness.checkpoint import load_checkpoint, save_checkpoint
 from harness.config import RunConfig, plan_epochs
+from harness.distributed import LOCAL, Local
 from harness.errors import HarnessError
 from harness.hooks import Hook
 from harness.method import MethodSpec, Stage
@@ -101,9 +104,11 @@ class Trainer:
     """Runs a method's stages on a feeder; `hooks` observe it (evaluation, tracking, progress, pruning)."""
 
     def __init__(self, spec: MethodSpec, cfg: RunConfig, feeder: Any, device: torch.device,
-                 checkpoint_path: Path | None = None, hooks: Sequence[Hook] = ()) -> None:
+                 checkpoint_path: Path | None = None, hooks: Sequence[Hook] = (), replicas: Local = LOCAL) -> None:
         self.spec, self.cfg, self.feeder, self.device = spec, cfg, feeder, device
         self.checkpoint_path, self.hooks = checkpoint_path, list(hooks)
+        self.replicas = replicas  # one process (LOCAL), or this process's part of a DDP run
+        self.model_call: Callable[..., Any] = spec.model  # the training forward: the model, or the stage's DDP wrapper
         self.losses = nn.ModuleList([term.fn for stage in spec.stages for term in stage.losses]).to(device)
         # Everything with state besides the model and optimizer (loss buffers such as DRW weights, constraint
         # thresholds): saved in each checkpoint.
@@ -140,7 +145,7 @@ class Trainer:
         stage = self.stages[stage_index].stage
         images = images.contiguous(memory_format=self.memory_format)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            out = self.spec.model(images)
+            out = self.model_call(images)
         out.logits, out.expert_logits = out.logits.float(), out.expert_logits.float()
         if mix is None:
             values = [term.fn(out, labels) for term in stage.losses]
@@ -200,6 +205,7 @@ class Trainer:
             seen += len(labels) // (1 + len(views))  # images of the epoch, not views of them
             self._call("after_step")
         self.constrain(run.stage, "epoch")
+        sums, seen = self.replicas.total(sums, seen)  # every process's share of the epoch (identity in one)
         self.images_trained += seen
         means = (sums / max(seen, 1)).tolist()  # the one host sync of the epoch
         names = [f"loss/{t.name}" for t in run.stage.losses] + ["loss/total"]
@@ -228,6 +234,8 @@ class Trainer:
             first = start_epoch if run.index == start_stage else 0
             if optimizer_state is not None and run.index == start_stage:
                 optimizer.load_state_dict(optimizer_state)
+            self.model_call = self.spec.model  # the last stage's DDP wrapper goes before the next is built
+            self.model_call = self.replicas.wrap(self.spec.model)  # after requires_grad: DDP syncs what trains
             if first == 0:
                 for constraint in run.stage.constraints:
                     constraint.begin(self.spec.model)
@@ -236,17 +244,21 @@ class Trainer:
             for epoch in range(first, run.epochs):
                 metrics = self.run_epoch(run, optimizer, epoch)
                 self._call("after_epoch", run.first_global_epoch + epoch, metrics)
+                self.stop_reason = self.replicas.from_main(lambda: self.stop_reason)  # rank 0's say: all stop alike
                 if (epoch + 1) % self.checkpoint_interval == 0 or epoch + 1 == run.epochs or self.stop_reason:
                     self.save(run.index, epoch + 1, optimizer)
                 if self.stop_reason:
                     return
             self._call("after_stage", run)
+        self.replicas.sync_buffers(self.spec.model)
         self._call("after_train")
 
     def save(self, stage_index: int, next_epoch: int, optimizer: torch.optim.Optimizer) -> None:
         if self.checkpoint_path is None:
             return
-        save_checkpoint(self.checkpoint_path, {"model": self.spec.model.state_dict(), "stage": stage_index,
-                                               "epoch": next_epoch, "optimizer": optimizer.state_dict(),
-                                               "state": self.state.state_dict()})
+        if self.replicas.is_main:  # one writer: every process holds the same weights and optimizer state
+            save_checkpoint(self.checkpoint_path, {"model": self.spec.model.state_dict(), "stage": stage_index,
+                                                   "epoch": next_epoch, "optimizer": optimizer.state_dict(),
+                                                   "state": self.state.state_dict()})
+        self.replicas.barrier()  # no process runs past an epoch whose checkpoint is not on disk yet
         self._call("after_checkpoint")
