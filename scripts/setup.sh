@@ -38,8 +38,8 @@ install_system_packages() {
 install_python_packages() {
   local python="${PYTHON:-python3}"
   if [ ! -x .venv/bin/python ]; then quietly "$python" -m venv .venv; fi
-  echo "setup: pip install -c constraints.txt -e '.[dev]' (torch the first time: a few minutes)"
-  quietly .venv/bin/pip install --disable-pip-version-check -c constraints.txt -e '.[dev]'
+  echo "setup: pip install -c constraints.txt -e '.[dev,cluster]' (torch and ray the first time: a few minutes)"
+  quietly .venv/bin/pip install --disable-pip-version-check -c constraints.txt -e '.[dev,cluster]'
 }
 
 # The Debian packages and the venv do not depend on each other, so both install at once (a minute or more saved on a

@@ -6,6 +6,9 @@ Parent run: one per invocation (reused by --resume). When every child is done, t
 (`studies.report.build_report` over exactly its runs) is logged under `report/` of the parent: the same table
 `harness report TABLE` builds.
 
+The runs go through `harness.studies.dispatch` (a local process pool by default, Ray tasks or SLURM jobs); the parent
+run and the report stay here, whichever backend ran the children.
+
 `plan_study` refuses, before any training and before any MLflow run exists, a study that could not end in a table:
 a table without runnable rows, a row the harness has no method for, an imbalance factor no column is measured at.
 """
@@ -14,27 +17,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
-import os
 import shutil
 import time
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 
 from harness.checkpoint import load_json, save_json
 from harness.config import RunConfig
 from harness.errors import HarnessError
-from harness.interrupts import Terminated, install_signal_handlers
 from harness.naming import checkpoint_dir, experiment_name, run_name
-from harness.progress import relay
 from harness.registry import DATASETS
-from harness.runner import Run, build_data
+from harness.runner import build_data
+from harness.studies.dispatch import DispatchOptions, RunJob, failure_message, make_dispatcher, run_all
 from harness.studies.report import Report, build_report, log_report
 from harness.studies.settings import RunSettings
 from harness.studies.tables import Row, TableSpec
@@ -123,81 +121,33 @@ def plan_study(table: TableSpec, wanted_rows: Sequence[str] | None, seeds: Seque
     check_imbalance_factor(table, settings.imbalance_factor)
     if not seeds:
         raise HarnessError("--seeds needs at least one seed (e.g. --seeds 0,1,2)")
+    rows = rows_for_backbone(table, rows, settings, explicit=bool(wanted_rows))
     return StudyPlan(table, rows, tuple(seeds), settings, experiment)
+
+
+def rows_for_backbone(table: TableSpec, rows: tuple[Row, ...], settings: RunSettings, explicit: bool
+                      ) -> tuple[Row, ...]:
+    """Rows that name the backbones they need (Table 5's B rows: ResNet-50's layer2 has no ResNet-32 stage) run only
+    on those: asked for by name on another backbone they are refused; in a whole-table run they are left out."""
+    def backbone(row: Row) -> str:
+        return str(settings.config(row.method, None, row.kwargs).method_kwargs.get("backbone", "resnet32"))
+
+    unfit = [r for r in rows if r.backbones and backbone(r) not in r.backbones]
+    if not unfit:
+        return rows
+    kept = tuple(r for r in rows if r not in unfit)
+    here = backbone(unfit[0])
+    if explicit or not kept:
+        fit = [r.key for r in _runnable(table) if not r.backbones or here in r.backbones]
+        raise HarnessError(f"table {table.name}: row {', '.join(r.key for r in unfit)} cannot run on backbone {here} "
+                           f"(it needs {' or '.join(unfit[0].backbones)}: --set method.backbone=...); rows that run "
+                           f"on {here}: {', '.join(fit)}")
+    return kept
 
 
 def _parent_state_path(plan: StudyPlan) -> Path:
     digest = hashlib.sha256(json.dumps(plan.signature(), sort_keys=True, default=str).encode()).hexdigest()[:12]
     return runs_dir() / "checkpoints" / plan.experiment / f"_parent-{digest}" / "state.json"
-
-
-@dataclass(frozen=True)
-class ChildJob:
-    """One (row, seed) run of a study, picklable so a worker process can execute it."""
-
-    cfg: RunConfig
-    experiment: str
-    name: str
-    parent: str
-    row: str
-    key: str
-    seed: int
-    table: str
-
-
-def execute_job(job: ChildJob, tracking_uri: str, resume: bool, progress: Any = None) -> dict:
-    """Run one child and return its result record (also what worker processes run)."""
-    run = Run(job.cfg, Tracker(tracking_uri), job.experiment, job.name, parent_run_id=job.parent,
-              tags={"table": job.table, "row": job.row, "row_key": job.key})
-    result = run.execute(resume=resume, progress=progress)
-    return {"row": job.row, "key": job.key, "seed": job.seed, "run_id": result.run_id,
-            "wall_time_s": result.wall_time_s, "skipped": result.skipped, **result.metrics,
-            **{f"time/{k}": v for k, v in result.timings.items()}}
-
-
-_worker_progress: Any = None  # set in each worker process by `_start_worker`
-
-
-def _start_worker(threads: int, progress: Any) -> None:
-    global _worker_progress
-    install_signal_handlers()  # SIGTERM unwinds a worker's run as in the main process: checkpoint kept, run KILLED
-    torch.set_num_threads(threads)
-    _worker_progress = progress
-
-
-def _worker_job(job: ChildJob, tracking_uri: str, resume: bool) -> dict:
-    try:
-        return execute_job(job, tracking_uri, resume, _worker_progress)
-    except (KeyboardInterrupt, Terminated):
-        # The run is marked KILLED and its finished epochs are checkpointed; end this worker rather than let the
-        # pool hand it the next queued run while the study is being stopped.
-        os._exit(143)
-
-
-def run_jobs(jobs: list[ChildJob], tracking_uri: str, resume: bool, workers: int = 1,
-             progress: Any = None) -> Iterator[dict]:
-    """Execute jobs one after another or in `workers` processes at once (each with cores / workers threads):
-    runs of launch-bound small models overlap their host overhead on one GPU; on a CPU they share the cores.
-    Either way each run shows its progress: a bar (worker bars are relayed to this process) or a line per epoch."""
-    if workers <= 1:
-        for job in jobs:
-            yield execute_job(job, tracking_uri, resume, progress)
-        return
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    context = multiprocessing.get_context("spawn")
-    with relay(progress, context) as handle, ProcessPoolExecutor(
-        max_workers=workers, mp_context=context, initializer=_start_worker, initargs=(threads, handle)
-    ) as pool:
-        futures = [pool.submit(_worker_job, job, tracking_uri, resume) for job in jobs]
-        try:
-            for future in as_completed(futures):
-                yield future.result()
-        except BaseException:  # Ctrl-C, SIGTERM, a failed run: stop the other runs too, each resumable
-            for future in futures:
-                future.cancel()
-            for process in list(pool._processes.values()):  # no public API before Python 3.14
-                process.terminate()
-            raise
 
 
 def _open_parent(plan: StudyPlan, tracker: Tracker, resume: bool) -> str:
@@ -231,31 +181,35 @@ class StudyResult:
 
 
 def run_study(plan: StudyPlan, tracker: Tracker, *, resume: bool = False, restart: bool = False,
-              progress: Any = None, workers: int = 1) -> StudyResult:
-    """Run every (row, seed) as a child of one parent run, then log the study's report to the parent."""
+              progress: Any = None, workers: int = 1, dispatch: DispatchOptions | None = None) -> StudyResult:
+    """Run every (row, seed) as a child of one parent run (in a local pool of `workers`, or as `dispatch` says:
+    Ray tasks, SLURM jobs), then log the study's report to the parent. Runs that failed on a cluster leave the
+    others' report logged, the parent FAILED, and one error line naming each failed row and seed."""
+    dispatcher = make_dispatcher(dispatch or DispatchOptions(workers=workers))  # installed? before any run exists
     configs = {(row.key, seed): plan.config(row, seed) for row in plan.rows for seed in plan.seeds}
     for cfg in {c.data: c for c in configs.values()}.values():
         build_data(cfg)  # fail on missing data before any run is created (cached in-process for the runs)
-    jobs = [ChildJob(configs[(row.key, seed)], plan.experiment, plan.run_name(row, seed), "", row.name, row.key,
-                     seed, plan.table.name) for row in plan.rows for seed in plan.seeds]
+    jobs = [RunJob(configs[(row.key, seed)], plan.experiment, plan.run_name(row, seed), seed, row.name, row.key,
+                   tags=(("table", plan.table.name), ("row", row.name), ("row_key", row.key)))
+            for row in plan.rows for seed in plan.seeds]
     if restart:
         for job in jobs:
             shutil.rmtree(checkpoint_dir(runs_dir(), job.experiment, job.name, job.cfg), ignore_errors=True)
     parent = _open_parent(plan, tracker, resume)
     jobs = [replace(job, parent=parent) for job in jobs]
     outer = progress.add_task("runs", total=len(jobs)) if progress is not None else None
-    records = []
     try:
-        for record in run_jobs(jobs, tracker.uri, resume, workers, progress):
-            records.append(record)
-            if outer is not None:
-                progress.advance(outer)
+        records, failures = run_all(dispatcher, jobs, tracker.uri, resume, progress,
+                                    None if outer is None else lambda: progress.advance(outer))
     except BaseException:
         tracker.end(parent, "KILLED")
         raise
     order = {(job.key, job.seed): i for i, job in enumerate(jobs)}
     frame = pd.DataFrame.from_records(sorted(records, key=lambda r: order[(r["key"], r["seed"])]))
     report = study_report(tracker, plan, [r["run_id"] for r in records])
-    artifacts = log_report(tracker, parent, report)
+    artifacts = log_report(tracker, parent, report) if records else []
+    if failures:
+        tracker.end(parent, "FAILED")
+        raise HarnessError(failure_message(failures, len(records), f"parent run {parent} ({tracker.uri})"))
     tracker.end(parent)
     return StudyResult(parent, frame, report, artifacts)

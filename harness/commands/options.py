@@ -14,6 +14,7 @@ from harness.errors import HarnessError
 
 if TYPE_CHECKING:
     from harness.config import RunConfig
+    from harness.studies.dispatch import DispatchOptions
     from harness.studies.settings import RunSettings
 
 EPOCHS_HELP = ("training epochs: E in all, split in the method's own stage proportions (SHIKE 9:1, so 200 is "
@@ -78,6 +79,15 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--restart", action="store_true", help="discard unfinished checkpoints and start over")
 
 
+def add_process_options(parser: argparse.ArgumentParser) -> None:
+    """--nproc-per-node: each run on N processes with DistributedDataParallel (harness.distributed)."""
+    parser.add_argument("--nproc-per-node", type=positive_int, default=1, metavar="N",
+                        help="processes per run (DDP: one per GPU, gloo on CPU): the command runs N times with "
+                             "torchrun's environment, as `torchrun --nproc-per-node N -m harness ...` does; "
+                             "optim.batch_size stays the global batch (a multiple of N); one run at a time "
+                             "(--workers 1); default 1")
+
+
 def run_settings(args: argparse.Namespace) -> RunSettings:
     """The flags every run of a command shares (a command without --epochs or --device leaves them unset)."""
     from harness.config import read_config_file
@@ -113,3 +123,78 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
     return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type for device counts: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got '{text}'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
+def add_dispatch_options(parser: argparse.ArgumentParser) -> None:
+    """Where the runs go (`harness.studies.dispatch`): the local process pool (default), Ray or SLURM."""
+    group = parser.add_argument_group("dispatch", "where the runs execute; ray and slurm need "
+                                                  "pip install 'lt-harness[cluster]'")
+    group.add_argument("--dispatch", default="local", metavar="local|ray|slurm",
+                       help="local: processes on this machine (--workers); ray: one Ray task per run; slurm: one "
+                            "SLURM job per run in a job array (submitit). Default local")
+    group.add_argument("--cpus-per-run", type=positive_int, default=None, metavar="N",
+                       help="cores and torch threads of each run (default: local splits the cores among --workers; "
+                            "ray and slurm give 1)")
+    group.add_argument("--gpus-per-run", type=non_negative_int, default=None, metavar="N",
+                       help="CUDA devices of each run (ray and slurm; default 1 where the cluster has them, else 0)")
+    group.add_argument("--ray-address", default=None, metavar="ADDR",
+                       help="the Ray cluster to join (auto, or HOST:PORT; default: start a local one)")
+    group.add_argument("--slurm-partition", default=None, metavar="NAME", help="SLURM partition")
+    group.add_argument("--slurm-time", type=positive_int, default=None, metavar="MIN",
+                       help="each job's time limit in minutes (default 1440)")
+    group.add_argument("--slurm-mem-gb", type=float, default=None, metavar="GB", help="each job's memory")
+    group.add_argument("--slurm-array-parallelism", type=positive_int, default=None, metavar="N",
+                       help="jobs of the array running at once (default: as many as SLURM allows)")
+    group.add_argument("--slurm-folder", default=None, metavar="DIR",
+                       help="submitit's job files and logs, on a filesystem the nodes share (default "
+                            "RUNS/submitit/%%j)")
+    group.add_argument("--slurm-option", dest="slurm_options", action="append", default=[], metavar="KEY=VALUE",
+                       help="any other submitit slurm_* parameter, e.g. account=lab or qos=high (repeatable)")
+    group.add_argument("--slurm-local", action="store_true",
+                       help="run the SLURM jobs as local processes (submitit's LocalExecutor): a dry run of the "
+                            "same path on this machine")
+
+
+# Each backend's own flags (dest -> flag): given with another --dispatch they would be silently ignored.
+BACKEND_FLAGS = {
+    "slurm": {"slurm_partition": "--slurm-partition", "slurm_time": "--slurm-time", "slurm_mem_gb": "--slurm-mem-gb",
+              "slurm_array_parallelism": "--slurm-array-parallelism", "slurm_folder": "--slurm-folder",
+              "slurm_options": "--slurm-option", "slurm_local": "--slurm-local"},
+    "ray": {"ray_address": "--ray-address"},
+    "cluster": {"gpus_per_run": "--gpus-per-run"},  # ray and slurm: the local pool's device is the config's
+}
+
+
+def dispatch_options(args: argparse.Namespace) -> DispatchOptions:
+    """The dispatch flags as `DispatchOptions`; a backend's flag given for another backend is refused."""
+    from harness.studies.dispatch import SLURM_TIME_MIN, DispatchOptions, SlurmOptions
+
+    backend = args.dispatch
+    mine = {backend, "cluster"} if backend != "local" else {backend}
+    misplaced = [flag for owner, flags in BACKEND_FLAGS.items() if owner not in mine
+                 for dest, flag in flags.items() if getattr(args, dest) not in (None, False, [])]
+    if misplaced:
+        raise HarnessError(f"{', '.join(misplaced)} does not apply to --dispatch {backend}; drop it or change "
+                           "--dispatch")
+    extra = []
+    for entry in args.slurm_options:
+        key, sep, value = entry.partition("=")
+        if not sep or not key.strip():
+            raise HarnessError(f"--slurm-option expects KEY=VALUE (e.g. account=lab), got '{entry}'")
+        extra.append((key.strip(), value.strip()))
+    slurm = SlurmOptions(partition=args.slurm_partition, time_min=args.slurm_time or SLURM_TIME_MIN,
+                         mem_gb=args.slurm_mem_gb, array_parallelism=args.slurm_array_parallelism,
+                         folder=args.slurm_folder, local=args.slurm_local, extra=tuple(extra))
+    return DispatchOptions(backend=backend, workers=getattr(args, "workers", 1), cpus_per_run=args.cpus_per_run,
+                           gpus_per_run=args.gpus_per_run, ray_address=args.ray_address, slurm=slurm)

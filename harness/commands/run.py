@@ -8,9 +8,12 @@ import time
 from pathlib import Path
 
 from harness.commands.options import (
+    add_dispatch_options,
+    add_process_options,
     add_run_options,
     add_seeds,
     check_dataset,
+    dispatch_options,
     make_config,
     positive_int,
     run_settings,
@@ -25,7 +28,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     method = kinds.add_parser("method", help="one method on one dataset, for one or more seeds")
     method.add_argument("--method", required=True, help="method name (harness list methods)")
     add_seeds(method, "training seeds, one MLflow run each")
+    method.add_argument("--workers", type=positive_int, default=1,
+                        help="seeds run at once in separate processes (default 1: one after another)")
     add_run_options(method)
+    add_dispatch_options(method)
+    add_process_options(method)
     method.set_defaults(func=run_method)
     ablation = kinds.add_parser("ablation", help="every row of a table (default: SHIKE Table 4) for each seed, "
                                                  "then the table")
@@ -35,6 +42,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     ablation.add_argument("--workers", type=positive_int, default=1,
                           help="runs executed at once in separate processes (default 1: one after another)")
     add_run_options(ablation)
+    add_dispatch_options(ablation)
+    add_process_options(ablation)
     ablation.set_defaults(func=run_ablation)
     demo = subparsers.add_parser("demo", help="the main job on the embedded default: Table 4's Plain and SHIKE rows "
                                               "on Fashion-MNIST-LT IF 100, three seeds each, about 7 minutes on 2 cores")
@@ -113,32 +122,44 @@ def _restart(experiment: str, name: str, cfg: object) -> None:
 
 
 def run_method(args: argparse.Namespace) -> int:
+    """One run per seed, one after another, in a local pool of --workers, or as --dispatch says (Ray tasks, SLURM
+    jobs); then the final metrics of each seed. Seeds that failed on a cluster are named in one error line after the
+    others' table."""
     import pandas as pd
 
     from harness.commands.output import print_frame
+    from harness.distributed import check_processes, launch
+    from harness.errors import HarnessError
     from harness.progress import make_progress
-    from harness.runner import Run
+    from harness.studies.dispatch import RunJob, failure_message, make_dispatcher, run_all
     from harness.tracking import Tracker
 
     check_dataset(args.dataset)
+    dispatcher = make_dispatcher(dispatch_options(args))
     configs = {seed: make_config(args, args.method, seed) for seed in args.seeds}  # validate all before training
+    if check_processes(args.nproc_per_node, getattr(args, "workers", 1), getattr(args, "dispatch", "local"),
+                       configs.values()):
+        return launch(args.nproc_per_node)  # this command again, in N processes (harness.distributed)
     tracker = Tracker(args.tracking_uri)
     experiment = args.experiment or experiment_name(args.method, args.dataset, args.imbalance_factor)
-    lines = []
+    # tagged like an ablation row (row_key = the method), so `harness compare` and reports can find it
+    tags = (("row_key", args.method), ("source", "run method"))
+    jobs = [RunJob(cfg, experiment, run_name(args.method, args.dataset, args.imbalance_factor, seed), seed,
+                   key=args.method, tags=tags) for seed, cfg in configs.items()]
+    if args.restart:
+        for job in jobs:
+            _restart(experiment, job.name, job.cfg)
     with make_progress() as progress:
-        for seed, cfg in configs.items():
-            name = run_name(args.method, args.dataset, args.imbalance_factor, seed)
-            if args.restart:
-                _restart(experiment, name, cfg)
-            # tagged like an ablation row (row_key = the method), so `harness compare` and reports can find it
-            tags = {"row_key": args.method, "source": "run method"}
-            result = Run(cfg, tracker, experiment, name, tags=tags).execute(resume=args.resume, progress=progress)
-            m = result.metrics
-            lines.append({"method": args.method, "seed": seed, "top1": m["test/top1"], "top5": m["test/top5"],
-                          "many": m["test/many"], "medium": m["test/medium"], "few": m["test/few"],
-                          "ece": m["test/ece"], "wall_s": result.wall_time_s, "run_id": result.run_id[:8]})
-    print_frame(pd.DataFrame(lines), f"{args.method} on {args.dataset} IF {args.imbalance_factor:g} "
-                                     f"(final epoch; tracking: {tracker.uri})")
+        records, failures = run_all(dispatcher, jobs, tracker.uri, args.resume, progress)
+    lines = [{"method": args.method, "seed": r["seed"], "top1": r["test/top1"], "top5": r["test/top5"],
+              "many": r["test/many"], "medium": r["test/medium"], "few": r["test/few"], "ece": r["test/ece"],
+              "wall_s": r["wall_time_s"], "run_id": r["run_id"][:8]}
+             for r in sorted(records, key=lambda r: args.seeds.index(r["seed"]))]
+    if lines:
+        print_frame(pd.DataFrame(lines), f"{args.method} on {args.dataset} IF {args.imbalance_factor:g} "
+                                         f"(final epoch; tracking: {tracker.uri})")
+    if failures:
+        raise HarnessError(failure_message(failures, len(records), f"experiment {experiment} ({tracker.uri})"))
     return 0
 
 
@@ -147,19 +168,24 @@ def run_ablation(args: argparse.Namespace) -> int:
     runs it and prints its report, the same table `harness report TABLE` prints."""
     from harness.commands.output import note
     from harness.commands.report import print_report
+    from harness.distributed import check_processes, launch, main_only
     from harness.progress import make_progress
     from harness.studies.ablation import plan_study, run_study
     from harness.studies.tables import TABLES
     from harness.tracking import Tracker
 
     check_dataset(args.dataset)
+    dispatch = dispatch_options(args)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()] or None
     plan = plan_study(TABLES.get(args.table), rows, args.seeds, run_settings(args), args.experiment)
-    tracker = Tracker(args.tracking_uri)
+    if check_processes(args.nproc_per_node, args.workers, getattr(args, "dispatch", "local"),
+                       [plan.config(row, seed) for row in plan.rows for seed in plan.seeds]):
+        return launch(args.nproc_per_node)  # this command again, in N processes (harness.distributed)
+    tracker = main_only(Tracker(args.tracking_uri))  # under DDP: rank 0 logs the study's parent run
     started = time.perf_counter()
     with make_progress() as progress:
         result = run_study(plan, tracker, resume=args.resume, restart=args.restart, progress=progress,
-                           workers=args.workers)
+                           dispatch=dispatch)
     print_report(result.report, f"study {plan.experiment}, parent run {result.parent[:8]}")
     note(f"{len(result.runs)} runs in {time.perf_counter() - started:.0f} s; logged {', '.join(result.artifacts)} "
          f"to parent run {result.parent} ({tracker.uri})")
