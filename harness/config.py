@@ -35,6 +35,8 @@ class DataConfig:
     val_per_class: int = 0  # balanced validation split carved from the training file (tuning only)
     test_per_class: int = 0  # 0: the full balanced test set; >0 keeps the first k per class (CPU demos)
     augment: str = "autoaugment"  # autoaugment (official: crop, flip, AutoAugment, Cutout) | basic | none
+    loader: str = "auto"  # file-backed datasets: auto (DALI on CUDA when installed and the augment allows) | torchvision | dali
+    image_size: int = 224  # file-backed datasets: crop side (RandomResizedCrop(s); Resize(s*256/224) + CenterCrop(s))
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class TrainConfig:
     num_workers: int = 0
     checkpoint_interval: int = 0  # epochs between atomic checkpoints (+ end of each stage); 0: 1 on CPU, 10 on CUDA
     channels_last: bool = True  # NHWC convolutions: ~25% faster steps on this CPU; tensor-core friendly on CUDA
+    sync_bn: bool = False  # DDP: nn.SyncBatchNorm (CUDA only); off = per-process BN (large-scale-lt.md section 5)
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,10 @@ BASE: dict[str, Any] = {
     "method.dkt_variant": "code",
     "method.align_relu": "code",
 }
+# What SHIKE's three large-scale settings share (section 4.2): SGD momentum 0.9, weight decay 5e-4, cosine from
+# the stated LR to 0 restarted per stage (`optim.schedule=paper`), RandAugment as in NCL, ResNet-50 experts.
+LARGE_SCALE: dict[str, Any] = {"optim.schedule": "paper", "optim.momentum": 0.9, "optim.weight_decay": 5e-4,
+                               "data.augment": "randaugment", "method.backbone": "resnet50"}
 PRESETS: dict[str, dict[str, Any]] = {
     "shike-code": {},
     # The literal official units: KL averaged over B*C with alpha = 10, beta = 1 (weaker by 1/C per sample).
@@ -103,6 +110,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Each method's own published CIFAR-100-LT recipe: what its builder declares with `own_recipe` (batch, weight
     # decay, augmentation, ...) plus `method.recipe=own` (its own stages: epochs, LR schedule, samplers).
     "own": {},
+    **{f"shike-{name}": {**LARGE_SCALE, **values} for name, values in {
+        # SHIKE section 4.2 (large-scale-lt.md section 2.4): the stated LR, cosine to 0, restarted for the 20
+        # classifier epochs. The paper leaves the batch open: the pairs of section 2.5 give NCL's per-sample rates.
+        "imagenetlt": {"data.dataset": "imagenetlt", "data.imbalance_factor": 256.0, "optim.lr": 0.2, "optim.batch_size": 256},
+        "inat2018": {"data.dataset": "inat2018", "data.imbalance_factor": 500.0, "optim.lr": 0.025, "optim.batch_size": 64},
+        # ImageNet-pretrained ResNet-152 (a torchvision-format file: --set method.pretrained=PATH), the shared part
+        # kept fixed, 30 epochs of fine-tuning then the 20 classifier epochs; no RandAugment (named for the other two).
+        "placeslt": {"data.dataset": "placeslt", "data.imbalance_factor": 996.0, "optim.lr": 0.02, "optim.batch_size": 128, "data.augment": "basic",
+                     "method.backbone": "resnet152", "method.pretrained": "torchvision", "method.freeze": "trunk",
+                     "train.stage_epochs": "30+20"},
+    }.items()},
 }
 
 

@@ -20,6 +20,7 @@ class Row:
     group: str = ""  # section header in the paper's table (Single model, MoE-based, ...)
     year: str = ""  # the paper's Year column ("" for the harness's own rows)
     own: str = ""  # where the method's own paper reports another number than the one SHIKE quotes (a footnote)
+    backbones: tuple[str, ...] = ()  # the `method.backbone` values the row can run on; () = any
 
     @property
     def kwargs(self) -> dict[str, Any]:
@@ -81,6 +82,12 @@ def published(group: str, columns: tuple[str, ...], entries: tuple[tuple[Any, ..
 BASELINES = {"focal": "focal", "ldam-drw": "ldam-drw", "tau-norm": "tau-norm", "crt": "crt", "balms": "balms-sampler-free",
              "lade": "lade", "gcl": "gcl", "wb": "wb", "ncm": "ncm", "lws": "lws", "disalign": "disalign",
              "la": "la-posthoc"}
+# Baselines II (methods/ride.py, reslt.py, tlc.py, ncl.py, bbn.py; paco.py, bcl.py): multi-expert and contrastive.
+MULTI_EXPERT = {"ride": "ride", "reslt": "reslt", "tlc": "tlc", "ncl-3n": "ncl", "bbn": "bbn"}
+CONTRASTIVE = {"paco": "paco", "bcl": "bcl"}
+# The rows of Tables 2 and 3 whose builders take `method.backbone` (the torchvision ResNets); the others (RIDE, BBN,
+# PaCo, BCL, ...) have CIFAR models only so far, and stay "not runnable" there.
+LARGE_SCALE = {**BASELINES, "la": "la", "ncl-3n": "ncl", "shike": "shike"}
 # The methods' own CIFAR-100-LT numbers where SHIKE quotes another (baselines.md section 0; R = recalled there).
 OWN_CIFAR = {
     "focal": "no CIFAR-LT number in its own paper; LDAM-DRW's re-run gives 38.41 at IF 100",
@@ -114,7 +121,8 @@ TABLE4 = TableSpec(
 
 SINGLE, HYBRID, MOE = "Single model", "Contrastive & Hybrid methods", "MoE-based methods"
 HARNESS = "Harness baselines (not in the paper)"
-PROTOCOL_LARGE = "paper: 200 epochs (180 + 20 classifier re-training); the harness has no large-scale builder yet"
+PROTOCOL_LARGE = ("paper: 200 epochs (180 + 20 classifier re-training); harness: --preset shike-imagenetlt or "
+                  "shike-inat2018 (ResNet-50; --set method.backbone=resnext50_32x4d for the RX-50 column)")
 
 # SHIKE Table 1: CIFAR-100-LT, ResNet-32, top-1 at imbalance factor 100 and 50 (reference section 6.2).
 T1 = ("IF 100", "IF 50")
@@ -133,11 +141,11 @@ TABLE1 = TableSpec(
         *published(HYBRID, T1, (
             ("BALMS+BatchFormer", "balms-bf", "2022", 51.7, None), ("PaCo", "paco", "2021", 51.9, 56.0),
             ("PaCo+BatchFormer", "paco-bf", "2022", 52.4, None), ("BCL", "bcl", "2022", 52.0, 56.6)),
-            own=OWN_CIFAR),
+            CONTRASTIVE, OWN_CIFAR),
         *published(MOE, T1, (
             ("RIDE (3E)", "ride", "2021", 48.3, None), ("ResLT (3E)", "reslt", "2022", 45.3, 50.0),
             ("TLC (4E)", "tlc", "2022", 50.1, None), ("NCL (S)", "ncl-s", "2022", 53.3, 56.8),
-            ("NCL (3N)", "ncl-3n", "2022", 54.2, 58.2)), {"ncl-3n": "ncl"}, OWN_CIFAR),
+            ("NCL (3N)", "ncl-3n", "2022", 54.2, 58.2)), MULTI_EXPERT, OWN_CIFAR),
         row("Ours (3E)", "shike", "shike", {"IF 100": 56.3, "IF 50": 59.8}, MOE, "-"),
         # BALMS is BSCE plus a meta sampler; these are the harness's own single-model rows, with no paper value.
         row("Plain decoupled (harness)", "plain", "plain", {}, HARNESS),
@@ -160,7 +168,7 @@ TABLE2 = TableSpec(
     cost=True,
     title="SHIKE Table 2: top-1 (%) on ImageNet-LT and iNaturalist 2018",
     columns=(Column(T2[0], "test/top1", "imagenetlt", requires=(("method.backbone", "resnet50"),)),
-             Column(T2[1], "test/top1", "imagenetlt", requires=(("method.backbone", "resnext50"),)),
+             Column(T2[1], "test/top1", "imagenetlt", requires=(("method.backbone", "resnext50_32x4d"),)),
              Column(T2[2], "test/top1", "inat2018", requires=(("method.backbone", "resnet50"),))),
     rows=(
         *published(SINGLE, T2, (
@@ -168,7 +176,7 @@ TABLE2 = TableSpec(
             ("cRT", "crt", "2020", 47.3, 49.6, 65.2), ("τ-norm", "tau-norm", "2020", 46.7, 49.4, 65.6),
             ("BALMS", "balms", "2020", 50.1, None, None), ("LA", "la", "2021", None, None, 66.4),
             ("CAM", "cam", "2021", None, None, 70.9), ("GCL", "gcl", "2022", 54.9, None, 72.0),
-            ("Weight Balancing", "wb", "2022", None, 53.9, 70.2))),
+            ("Weight Balancing", "wb", "2022", None, 53.9, 70.2)), LARGE_SCALE),
         *published(HYBRID, T2, (
             ("SSD", "ssd", "2021", None, 56.0, None), ("PaCo", "paco", "2021", 57.0, 58.2, 73.2),
             ("BCL", "bcl", "2022", 56.0, None, 71.8), ("RIDE+BF", "ride-bf", "2022", 55.7, None, 74.1),
@@ -176,7 +184,8 @@ TABLE2 = TableSpec(
         *published(MOE, T2, (
             ("BBN", "bbn", "2020", 48.3, 49.3, 66.3), ("RIDE (3E)", "ride", "2021", 55.4, 56.8, 72.6),
             ("ACE", "ace", "2021", 54.7, 56.6, None), ("NCL (S)", "ncl-s", "2022", 57.4, 58.4, 74.2),
-            ("NCL (3N)", "ncl-3n", "2022", 59.5, 60.5, 74.9), ("Ours (3E)", "shike", "-", 59.7, 59.6, 75.4))),
+            ("NCL (3N)", "ncl-3n", "2022", 59.5, 60.5, 74.9), ("Ours (3E)", "shike", "-", 59.7, 59.6, 75.4)),
+            LARGE_SCALE),
     ),
     protocol=PROTOCOL_LARGE,
     notes=("The text adds ResNet-50 on ImageNet-LT at 400 epochs: 60.3 (the abstract's number).",),
@@ -197,32 +206,30 @@ TABLE3 = TableSpec(
             ("τ-norm", "tau-norm", "2020", 37.8, 40.7, 31.8, 37.9), ("LWS", "lws", "2020", 40.6, 39.1, 28.6, 37.6),
             ("BALMS", "balms", "2020", 41.2, 39.8, 31.6, 38.7), ("LADE", "lade", "2021", 42.8, 39.0, 31.2, 38.8),
             ("DisAlign", "disalign", "2021", 40.4, 42.4, 30.1, 39.3),
-            ("GCL", "gcl", "2022", None, None, None, 40.6)), BASELINES),
+            ("GCL", "gcl", "2022", None, None, None, 40.6)), LARGE_SCALE),
         *published(HYBRID, T3, (
             ("LDAM+RSG", "ldam-rsg", "2021", 41.9, 41.4, 32.0, 39.3),
             ("PaCo", "paco", "2021", 37.5, 47.2, 33.9, 41.2))),
         *published(MOE, T3, (
             ("LFME", "lfme", "2020", 39.3, 39.6, 24.2, 36.2), ("NCL (S)", "ncl-s", "2022", None, None, None, 41.5),
             ("NCL (3N)", "ncl-3n", "2022", None, None, None, 41.8),
-            ("Ours (3E)", "shike", "-", 43.6, 39.2, 44.8, 41.9))),
+            ("Ours (3E)", "shike", "-", 43.6, 39.2, 44.8, 41.9)), LARGE_SCALE),
     ),
     protocol="paper: ImageNet-pretrained ResNet-152, shared part frozen, 30 epochs; many > 100, few < 20 images",
 )
 
-# SHIKE Table 5: number of experts x depth arrangement (ImageNet-LT, ResNet-50; A/B/C = shallow -> deep).
-# On the CIFAR ResNet-32 only two shared stages exist. A is the shallowest stage (layer1 in both networks); C is
-# the stage right before the experts' own stage (layer3 of ResNet-50, layer2 of ResNet-32: one downsampling
-# away, so one aligning conv); B (ResNet-50's layer2) has no CIFAR counterpart, so rows using it do not run.
-# `dkf_sources` takes 1 (layer1) or 2 (layer2) per expert.
-DEPTH = {"A": "1", "C": "2"}
+# SHIKE Table 5: number of experts x depth arrangement (ImageNet-LT, ResNet-50; A/B/C = the outputs of layer1/2/3,
+# shallow -> deep). Every row runs on the torchvision backbones (`--preset shike-imagenetlt`). On the CIFAR ResNet-32
+# only two shared stages exist: A is the shallowest (layer1 in both networks), C the stage right before the experts'
+# own (layer3 of ResNet-50, layer2 of ResNet-32: one downsampling away); B (ResNet-50's layer2) has no CIFAR
+# counterpart, so rows using it run on the torchvision backbones only.
+TV_BACKBONES = ("resnet50", "resnext50_32x4d", "resnet152")
 
 
 def arrangement(name: str, paper: float) -> Row:
     group = f"{len(name)} expert" + ("s" if len(name) > 1 else "")
-    if any(letter not in DEPTH for letter in name):
-        return row(name, name.lower(), None, paper, group)
-    return row(name, name.lower(), "shike", paper, group, experts=len(name),
-               dkf_sources=",".join(DEPTH[letter] for letter in name))
+    found = row(name, name.lower(), "shike", paper, group, arrangement=name)
+    return replace(found, backbones=TV_BACKBONES) if "B" in name else found
 
 
 TABLE5 = TableSpec(
@@ -233,8 +240,9 @@ TABLE5 = TableSpec(
         ("A", 54.10), ("B", 54.75), ("C", 55.84), ("AB", 57.39), ("BC", 58.79), ("AC", 58.62), ("ABC", 59.72),
         ("ABCA", 59.83), ("ABCB", 59.90), ("ABCC", 59.77))),
     protocol="every row: full SHIKE (DKF, L_mu, L_nt) then balanced-softmax re-training; final-epoch test accuracy",
-    notes=("CIFAR mapping: A = layer1, C = layer2 (the stage before the experts' own), B has no ResNet-32 stage, "
-           "so rows with B do not run; the paper's numbers are ImageNet-LT ResNet-50.",),
+    notes=("ResNet-50 (--preset shike-imagenetlt): A/B/C = layer1/2/3. CIFAR mapping: A = layer1, C = layer2 (the "
+           "stage before the experts' own), B has no ResNet-32 stage, so rows with B run on the torchvision backbones "
+           "only; the paper's numbers are ImageNet-LT ResNet-50.",),
 )
 
 # Tables are a registry like methods and datasets: a plugin package adds one through the `lt_harness.tables`

@@ -37,11 +37,11 @@ def no_global_tracking_uri():
 
 
 @pytest.mark.parametrize("args, fragments", [
-    (["--table", "table2"], ["table table2 has no row the harness can run", "imagenetlt, inat2018",
-                             "harness report table2"]),
-    (["--table", "table3", "--dataset", "placeslt"], ["unknown dataset 'placeslt'; known datasets: cifar100lt"]),
-    (["--table", "table5", "--rows", "b"], ["table table5: row b cannot run", "runnable rows: a, c, ac"]),
-    (["--table", "table5", "--rows", "a,abc"], ["row abc cannot run", "runnable rows: a, c, ac"]),
+    (["--table", "table2", "--dataset", "imagenetlt", "--if", "256"], ["imagenetlt needs --data-root"]),
+    (["--table", "table3", "--dataset", "placeslt"], ["placeslt needs --data-root"]),
+    (["--table", "table5", "--rows", "b"], ["table table5: row b cannot run on backbone resnet32",
+                                            "rows that run on resnet32: a, c, ac"]),
+    (["--table", "table5", "--rows", "a,abc"], ["row abc cannot run on backbone resnet32", "needs resnet50"]),
     (["--table", "table1", "--if", "20"], ["table table1 compares IF 100, 50 only", "use --if 100 or --if 50"]),
     (["--table", "nope"], ["unknown table 'nope'; known tables: table1, table2, table3, table4, table5"]),
     (["--table", "table4", "--rows", "nope"], ["table table4 has no row 'nope'; rows: plain, moe"]),
@@ -113,7 +113,7 @@ def test_table5_runs_end_to_end_and_its_summary_is_the_report(capsys, harness_ho
     cells = report_csv("table5-fmnistlt-if100", "table5").set_index("key")
     assert (cells.loc["a", "n"], cells.loc["a", "paper"], cells.loc["a", "status"]) == (1, 54.10, "ok")
     assert cells.loc["a", "diff"] == pytest.approx(cells.loc["a", "mean"] - 54.10, abs=1e-3)
-    assert cells.loc["c", "status"] == "no runs" and cells.loc["b", "status"] == "not runnable"
+    assert cells.loc["c", "status"] == "no runs" and cells.loc["b", "status"] == "no runs"  # b: ResNet-50 only
 
 
 @pytest.mark.slow

@@ -128,3 +128,24 @@ def test_stage_overrides_are_typed_and_checked_against_the_method():
         stage_overrides(shike_stages(), resolve_config("shike", overrides=["stage.clasifier.epochs=1"]).stage_args)
     with pytest.raises(HarnessError, match="field one of"):
         resolve_config("shike", overrides=["stage.classifier.lr=1"])
+
+
+@pytest.mark.parametrize("dataset, lr, batch, imbalance, backbone", [
+    ("imagenetlt", 0.2, 256, 256.0, "resnet50"), ("inat2018", 0.025, 64, 500.0, "resnet50"),
+    ("placeslt", 0.02, 128, 996.0, "resnet152")])
+def test_large_scale_presets_carry_the_papers_settings(dataset, lr, batch, imbalance, backbone):
+    """SHIKE section 4.2: LR 0.2 / 0.025 / 0.02, SGD momentum 0.9, weight decay 5e-4, cosine to 0 restarted for the
+    classifier stage (the `paper` schedule), 180 + 20 epochs (the builder's own), Places-LT fine-tuned 30 epochs
+    from ImageNet weights with the shared part fixed."""
+    cfg = resolve_config("shike", preset=f"shike-{dataset}")
+    o = cfg.optim
+    assert (o.lr, o.batch_size, o.momentum, o.weight_decay, o.schedule) == (lr, batch, 0.9, 5e-4, "paper")
+    assert (cfg.data.dataset, cfg.data.imbalance_factor) == (dataset, imbalance)
+    assert cfg.method_kwargs["backbone"] == backbone
+    places = dataset == "placeslt"
+    assert cfg.data.augment == ("basic" if places else "randaugment")
+    assert cfg.train.stage_epochs == ("30+20" if places else "")
+    assert (cfg.method_kwargs["freeze"], cfg.method_kwargs["pretrained"]) == (
+        ("trunk", "torchvision") if places else ("none", ""))
+    assert "backbone" not in resolve_config("ce", preset="shike-code").method_kwargs or \
+        resolve_config("ce", preset="shike-code").method_kwargs["backbone"] == "resnet32"

@@ -81,7 +81,7 @@ def test_demo_end_to_end_with_two_workers(tmp_path, monkeypatch):
            "DO_NOT_TRACK": "true"}
     done = subprocess.run(
         [sys.executable, "-m", "harness.cli", "demo", "--epochs", "1+1", "--seeds", "0,1", "--workers", "2",
-         "--set", "data.test_per_class=20", "--out", str(tmp_path / "out")],
+         "--set", "data.test_per_class=20", "--set", "data.n_max=300", "--out", str(tmp_path / "out")],
         capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stderr.splitlines()
@@ -137,14 +137,15 @@ def test_sigterm_stops_every_worker_and_resume_runs_only_the_rest(tmp_path, monk
     env = {**os.environ, "HARNESS_HOME": str(tmp_path / "home"), "MLFLOW_DISABLE_TELEMETRY": "true",
            "DO_NOT_TRACK": "true"}
     command = [sys.executable, "-m", "harness.cli", "run", "ablation", "--dataset", "fmnistlt", "--if", "100",
-               "--rows", "plain,shike", "--seeds", "0", "--workers", "2", "--epochs", "6+1",
-               "--set", "method.depth=8", "--set", "data.test_per_class=10", "--set", "train.eval_interval=0"]
+               "--rows", "plain,shike", "--seeds", "0", "--workers", "2", "--epochs", "12+1",
+               "--set", "method.depth=8", "--set", "data.test_per_class=10", "--set", "train.eval_interval=0",
+               "--set", "data.n_max=300"]  # ~1,000 images: short epochs, and enough of them to stop mid-run
     process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
                                start_new_session=True)
     started, seen = time.monotonic(), set()
     assert process.stderr is not None
     for line in process.stderr:
-        if "representation epoch 2/6" in line:
+        if "representation epoch 2/12" in line:
             seen.add(line.split()[0])
         if len(seen) == 2 or time.monotonic() - started > 300:
             break
@@ -164,8 +165,8 @@ def test_sigterm_stops_every_worker_and_resume_runs_only_the_rest(tmp_path, monk
 
     resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, env=env, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "representation epoch 1/6" not in resumed.stderr  # checkpointed epochs are not trained again
-    assert "shike-fmnistlt-if100-s0 representation epoch 6/6" in resumed.stderr
+    assert "representation epoch 1/12" not in resumed.stderr  # checkpointed epochs are not trained again
+    assert "shike-fmnistlt-if100-s0 representation epoch 12/12" in resumed.stderr
     runs = Tracker().search(["table4-fmnistlt-if100"])
     children = runs[runs["tags.kind"] != "study"]
     assert sorted(children["status"]) == ["FINISHED", "FINISHED"]

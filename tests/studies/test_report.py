@@ -58,14 +58,17 @@ def test_cells_without_runs_say_so_and_carry_no_number():
 
 def test_rows_the_harness_cannot_run_render_the_paper_and_are_marked():
     report = build_report(pd.DataFrame(), TABLE2)
-    assert set(report.cells["status"]) == {"not runnable"} and (report.cells["n"] == 0).all()
+    status = report.cells.set_index(["key", "column"])["status"]
+    assert status[("paco", "iNat R-50")] == "not runnable" and status[("shike", "iNat R-50")] == "no runs"
+    assert set(status) == {"not runnable", "no runs"} and (report.cells["n"] == 0).all()
     assert "no finished runs tagged table=table2" in report.protocol
     places = cells(build_report(pd.DataFrame(), TABLE3))
     assert places.loc[("paco", "All"), "status"] == "not runnable" and places.loc[("crt", "All"), "status"] == "no runs"
     ours = cells(build_report(pd.DataFrame(), TABLE2))
     assert [ours.loc[("shike", c.label), "paper"] for c in TABLE2.columns] == [59.7, 59.6, 75.4]
     md = render(build_report(pd.DataFrame(), TABLE3), "md")
-    assert "| Ours (3E) | - | not runnable | 43.60 |" in md and "*Contrastive & Hybrid methods*" in md
+    assert "| Ours (3E) | - | no runs | 43.60 |" in md and "| PaCo | 2021 | not runnable | 37.50 |" in md
+    assert "*Contrastive & Hybrid methods*" in md
 
 
 def test_only_finished_child_runs_of_the_table_count_and_the_newest_run_of_a_seed_wins():
@@ -97,7 +100,7 @@ def test_table1_columns_split_by_imbalance_factor_and_prefer_the_papers_dataset(
     assert c.loc[("shike", "IF 100"), "diff"] == pytest.approx(56.0 - 56.3)
     assert (c.loc[("shike", "IF 50"), "mean"], c.loc[("shike", "IF 50"), "diff"]) == (60.0, pytest.approx(0.2))
     assert c.loc[("bsce", "IF 100"), "mean"] == 40.0 and math.isnan(c.loc[("bsce", "IF 100"), "paper"])
-    assert c.loc[("bsce", "IF 50"), "status"] == "no runs" and c.loc[("paco", "IF 100"), "status"] == "not runnable"
+    assert c.loc[("bsce", "IF 50"), "status"] == "no runs" and c.loc[("paco-bf", "IF 100"), "status"] == "not runnable"
     fmnist = cells(build_report(frame, TABLE1, dataset="fmnistlt"))
     assert fmnist.loc[("shike", "IF 100"), "mean"] == 90.0 and fmnist.loc[("shike", "IF 50"), "n"] == 0
 
@@ -191,16 +194,20 @@ def test_declared_tables_hold_the_papers_values():
     assert set(TABLES) == {"table1", "table2", "table3", "table4", "table5"}
     assert TABLE1.row("shike").paper == (("IF 100", 56.3), ("IF 50", 59.8))
     assert TABLE1.row("balms").paper_value("IF 100") == 50.7 and TABLE1.row("balms").method == "balms-sampler-free"
-    assert TABLE1.row("paco").method is None and "swapped" in TABLE1.row("paco").own
+    assert TABLE1.row("paco").method == "paco" and "swapped" in TABLE1.row("paco").own
     assert {r.key for r in TABLE1.rows if r.method} == {"shike", "plain", "ce", "bsce", "la", "focal", "ldam-drw",
                                                         "tau-norm", "crt", "balms", "lade", "gcl", "wb", "la-posthoc",
-                                                        "cb", "cb-ce", "ncm", "lws", "disalign", "ncl-3n"}
+                                                        "cb", "cb-ce", "ncm", "lws", "disalign", "ncl-3n", "paco",
+                                                        "bcl", "ride", "reslt", "tlc"}
+    assert {r.key for r in TABLE2.rows if r.method} == {"ldam-drw", "crt", "tau-norm", "balms", "la", "gcl", "wb",
+                                                        "ncl-3n", "shike"}
     assert all(r.paper_value("IF 100") is None for r in TABLE1.rows if r.group.startswith("Harness"))
     assert [TABLE3.row("shike").paper_value(c) for c in ("Many", "Medium", "Few", "All")] == [43.6, 39.2, 44.8, 41.9]
-    assert {r.name: r.kwargs for r in TABLE5.rows if r.method} == {
-        "A": {"experts": 1, "dkf_sources": "1"}, "C": {"experts": 1, "dkf_sources": "2"},
-        "AC": {"experts": 2, "dkf_sources": "1,2"}}
-    assert TABLE5.row("abc").paper_value("Acc") == 59.72 and TABLE5.row("abc").method is None
+    assert {r.name: (r.method, r.kwargs) for r in TABLE5.rows} == {
+        name: ("shike", {"arrangement": name}) for name in ("A", "B", "C", "AB", "BC", "AC", "ABC", "ABCA", "ABCB",
+                                                            "ABCC")}
+    assert {r.key for r in TABLE5.rows if r.backbones} == {"b", "ab", "bc", "abc", "abca", "abcb", "abcc"}
+    assert TABLE5.row("abc").paper_value("Acc") == 59.72 and "resnet32" not in TABLE5.row("abc").backbones
 
 
 # End to end on a real (tiny) study ------------------------------------------------------------------------------
@@ -238,7 +245,7 @@ def test_report_rich_default_and_bad_experiment(study_home, monkeypatch, capsys)
     out = capsys.readouterr().out
     assert "SHIKE Table 4" in out and "(n=2)" in out and "no runs" in out and "Protocol:" in out
     assert main(["report", "table2", "--no-log", "--format", "md"]) == 0
-    assert "| Ours (3E) | - | not runnable | 59.70 |" in capsys.readouterr().out
+    assert "| Ours (3E) | - | no runs | 59.70 |" in capsys.readouterr().out
     assert main(["report", "table4", "--experiment", "nope"]) == 2
     assert "no experiment 'nope'" in capsys.readouterr().err
 
