@@ -85,7 +85,7 @@ LONGEST_FIRST = (
     "tests/harness/test_faults.py::test_server_lost_mid_run_spools_every_step_and_replay_delivers_each_once",
     "tests/harness/test_plugins.py::test_a_plugin_module_named_by_flag_reaches_the_main_process_and_the_workers",
     "tests/harness/test_cli.py::test_sigkill_then_resume_matches_an_uninterrupted_run",
-    "tests/bench/test_bench_cli.py::test_cli_bench_gpu_quick_runs_both_child_kinds",
+    "tests/bench/test_bench_cli.py::test_cli_bench_gpu_quick_runs_every_child_kind",
 )
 # Modules whose tests share a costly module- or session-scoped fixture run on one worker (an xdist_group each), so
 # that the fixture is built once, not once per worker: the kill/resume scenarios with their reference run, trained

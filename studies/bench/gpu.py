@@ -5,7 +5,10 @@ Per epoch (train + the runner's test evaluation), for plain, MoE (no DKF) and SH
 (ReferenceFeeder with DataLoader workers, eager, fp32) vs the fast path (DeviceFeeder, bf16 autocast, channels_last)
 eager and under torch.compile (default; reduce-overhead = CUDA graphs); compile time, augmentation share, peak
 memory, then K concurrent SHIKE processes, and the extrapolation to a full run and to Table 4 against the targets
-(60 s / 5 min / 15 min). Every phase runs in child processes (`gpu_child`) with its own time limit inside one
+(60 s / 5 min / 15 min). Last, `r50-moe` (issue #14): training-step images/s and peak memory of SHIKE's
+ResNet-50 MoE (ABC, with the conv3x3 and pool1x1 aligners) against a plain ResNet-50 side by side (B = 256 at
+224 px, ImageNet-LT's 1,000 classes), eager and compiled; the budget usually cuts it, so run it on its
+own with `--only r50-moe`. Every phase runs in child processes (`gpu_child`) with its own time limit inside one
 overall budget, so a slow compile or a crash costs that phase only. Writes gpu_check.json, gpu_check.md and logs/.
 `quick` runs the same code on a tiny set (CPU allowed) to check the command itself.
 """
@@ -33,6 +36,10 @@ from harness.studies.bench.gpu_report import TARGETS_S, write_report
 
 BATCH_SIZE = 128  # the official batch
 QUICK_BATCH_SIZE = 16
+# r50-moe: the variants (`gpu_child.ThroughputModel`; the plain one is the reference of the ratios) and the sizes
+THROUGHPUT_VARIANTS = ["resnet50:ABC", "resnet50:ABC:pool1x1", "resnet50:plain"]
+THROUGHPUT = {"batch_size": 256, "image_size": 224, "num_classes": 1000, "warmup": 5, "steps": 20}
+QUICK_THROUGHPUT = {"batch_size": 4, "image_size": 64, "num_classes": 1000, "warmup": 1, "steps": 2}
 MIN_PHASE_S = 30.0  # a phase is skipped when less than this is left of the budget
 
 
@@ -66,6 +73,9 @@ def phase_plan(quick: bool) -> list[dict[str, Any]]:
              for tag, mode in (("default", "fast+default"), ("cudagraphs", "fast+reduce-overhead"))]
     plan += [{"name": f"concurrent-cudagraphs-k{k}", "kind": "concurrent", "mode": "fast+reduce-overhead",
               "variants": ["shike"], "k": k, "timed": epochs["timed"], "limit_s": 120} for k in (1, 2, 4)]
+    # One child measures every variant, eager then compiled (CUDA only), so the ratios come from one run on one card.
+    plan.append({"name": "r50-moe", "kind": "throughput", "mode": "fast", "variants": THROUGHPUT_VARIANTS,
+                 "compile": ["default"], "limit_s": 420, **(QUICK_THROUGHPUT if quick else THROUGHPUT)})
     return plan
 
 

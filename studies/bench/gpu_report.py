@@ -1,5 +1,6 @@
 """`harness bench gpu`, the report side: from the phases' JSON lines to the per-epoch table, the K-process
-concurrency table, and the extrapolation to a 200-epoch run and to Table 4 against the targets (issue #6).
+concurrency table, the extrapolation to a 200-epoch run and to Table 4 against the targets (issue #6), and the
+ResNet-50 MoE training throughput against a plain ResNet-50 (issue #14).
 
 Pure functions of the collected results (no torch), so the arithmetic is testable on made-up rows.
 """
@@ -92,6 +93,43 @@ def extrapolate(rows: Rows, conc: dict[str, Any], keys: list[str]) -> dict[str, 
     return out
 
 
+def reference_variant(variant: str) -> str:
+    """The plain model a throughput variant is compared with: "resnet50:ABC:pool1x1" -> "resnet50:plain"."""
+    return f"{variant.split(':', 1)[0]}:plain"
+
+
+def throughput(phases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every throughput measurement, with its images/s and peak memory as ratios to the plain backbone measured in
+    the same phase (the same child process, one after the other) and compile mode; None where that one is missing."""
+    rows = []
+    for p in phases:
+        measured = {(r["variant"], r["compile"]): r for r in p["results"] if "images_per_s" in r}
+        for (variant, mode), r in measured.items():
+            plain = measured.get((reference_variant(variant), mode))
+            rows.append({**r, "phase": p["name"],
+                         "images_vs_plain": r["images_per_s"] / plain["images_per_s"] if plain else None,
+                         "peak_vs_plain": r["peak_bytes"] / plain["peak_bytes"] if plain else None})
+    return rows
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _throughput_lines(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    lines = ["", "| phase | variant | compile | batch x px | images/s | ms/step | peak GiB | images/s vs plain | "
+             "peak vs plain |", "|" + "---|" * 9]
+    lines += [f"| {r['phase']} | {r['variant']} | {r['compile']} | {r['batch_size']} x {r['image_size']} | "
+              f"{r['images_per_s']:.1f} | {r['ms_per_step']:.1f} | {r['peak_bytes'] / 2**30:.2f} | "
+              f"{_ratio(r['images_vs_plain'])} | {_ratio(r['peak_vs_plain'])} |" for r in rows]
+    kinds = sorted({r["peak_kind"] for r in rows})
+    return lines + ["", f"Training steps on one synthetic batch (no data pipeline), channels_last, bf16 autocast on "
+                    f"CUDA; peak: {', '.join(kinds)} (a process peak RSS never falls, so on CPU it includes the "
+                    "variants measured before). Ratios: against the plain backbone in the same run."]
+
+
 def _mib(value: int | None) -> str:
     return "-" if value is None else f"{value / 2**20:.0f}"
 
@@ -141,7 +179,7 @@ def markdown(report: dict[str, Any], rows: Rows) -> str:
              f"{env['cpus']} CPUs; data: {report['data']}; wall {report['wall_s']:.0f} s", ""]
     lines += [f"    {ln}" for ln in env.get("nvidia_smi", [])] + [""]
     lines += _epoch_lines(rows) + _concurrency_lines(report["concurrency"])
-    lines += _extrapolation_lines(report["extrapolation"])
+    lines += _extrapolation_lines(report["extrapolation"]) + _throughput_lines(throughput(report["phases"]))
     lines += ["", "| phase | status | wall s |", "|---|---|---|"]
     lines += [f"| {p['name']} | {p['status']} | {p['wall_s']:.0f} |" for p in report["phases"]]
     errors = [f"- {p['name']}: {r['error']}" for p in report["phases"] for r in p["results"] if "error" in r]
@@ -154,6 +192,7 @@ def write_report(out: Path, report: dict[str, Any], phases: list[dict[str, Any]]
     report["concurrency"] = concurrency(phases)
     report["extrapolation"] = extrapolate(rows, report["concurrency"], table4_variants())
     report["epochs"] = {f"{m}|{v}": r for (m, v), r in rows.items()}
+    report["throughput"] = throughput(phases)
     report["phases"] = phases
     (out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
     (out / "gpu_check.md").write_text(markdown(report, rows))

@@ -58,17 +58,26 @@ def test_cli_bench_gpu_rejects_unknown_phases(capsys, tmp_path):
     assert "nope" in err and "concurrent-eager-k1" in err
 
 
-@pytest.mark.slow  # two phases, each in fresh child processes: about a minute on a busy 2-core machine
-def test_cli_bench_gpu_quick_runs_both_child_kinds(capsys, tmp_path):
+@pytest.mark.slow  # three phases, each in fresh child processes: about a minute on a busy 2-core machine
+def test_cli_bench_gpu_quick_runs_every_child_kind(capsys, tmp_path):
     out = tmp_path / "gpu"
-    args = ["bench", "gpu", "--quick", "--only", "reference,concurrent-eager-k1", "--workers", "0", "--out", str(out)]
+    args = ["bench", "gpu", "--quick", "--only", "reference,concurrent-eager-k1,r50-moe", "--workers", "0",
+            "--out", str(out)]
     assert main(args) == 0
     report = json.loads((out / "gpu_check.json").read_text())
-    assert [p["status"] for p in report["phases"]] == ["ok", "ok"]
+    assert [p["status"] for p in report["phases"]] == ["ok", "ok", "ok"]
     for variant in ("shike", "plain"):
         row = report["epochs"][f"reference|{variant}"]
         assert row["stage1"]["epoch_s"] > 0 and row["crt"]["epoch_s"] > 0 and row["recipe_epochs"] == [180, 20]
     assert report["concurrency"]["fast"]["1"]["speedup"] == 1.0
+    # r50-moe on CPU: eager only, every variant measured, ratios against the plain ResNet-50 of the same run
+    rows = {r["variant"]: r for r in report["throughput"]}
+    assert set(rows) == {"resnet50:ABC", "resnet50:ABC:pool1x1", "resnet50:plain"}
+    assert all(r["compile"] == "off" and r["images_per_s"] > 0 and r["peak_bytes"] > 0 for r in rows.values())
+    assert rows["resnet50:plain"]["params"] == 25_557_032  # torchvision's published ResNet-50 count (1,000 classes)
+    assert rows["resnet50:plain"]["images_vs_plain"] == 1.0
+    assert rows["resnet50:ABC"]["params"] > rows["resnet50:ABC:pool1x1"]["params"] > 25_557_032
     printed = capsys.readouterr().out
     assert "reference: ok" in printed and "| reference | shike |" in printed
+    assert "r50-moe: ok" in printed and "| r50-moe | resnet50:ABC | off | 4 x 64 |" in printed
     assert printed.endswith((out / "gpu_check.md").read_text() + "\n")

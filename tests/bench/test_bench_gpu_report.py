@@ -1,5 +1,6 @@
 """`harness bench gpu`'s arithmetic on made-up measurements: the per-recipe run time, the K-process speed-up, the
-scaling of a variant not timed in a mode, and Table 4's totals against the targets (issue #6)."""
+scaling of a variant not timed in a mode, Table 4's totals against the targets (issue #6), and the ResNet-50 MoE
+throughput ratios (issue #14)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,17 @@ from collections import Counter
 
 import pytest
 
-from harness.studies.bench.gpu_report import concurrency, epoch_rows, extrapolate, markdown, table4_variants
+from harness.errors import HarnessError
+from harness.studies.bench.gpu_child import ThroughputModel
+from harness.studies.bench.gpu_report import (
+    concurrency,
+    epoch_rows,
+    extrapolate,
+    markdown,
+    reference_variant,
+    table4_variants,
+    throughput,
+)
 
 TABLE4 = ["plain", "moe", "moe", "shike", "shike", "shike", "shike"]
 
@@ -84,3 +95,54 @@ def test_markdown_shows_every_table_and_the_errors(phases):
     assert "| fast | 2 | 0.333 | 1.67x |" in text
     assert "| fast | 395 | 15 |" in text
     assert "- reference: boom" in text
+
+
+def _step_row(variant: str, compile_mode: str, images_per_s: float, peak_gib: float) -> dict:
+    return {"variant": variant, "compile": compile_mode, "batch_size": 256, "image_size": 224,
+            "images_per_s": images_per_s, "ms_per_step": 256e3 / images_per_s, "peak_bytes": int(peak_gib * 2**30),
+            "peak_kind": "cuda max_memory_allocated"}
+
+
+@pytest.fixture
+def throughput_phase() -> dict:
+    results = [_step_row("resnet50:ABC", "off", 600.0, 30.0), _step_row("resnet50:plain", "off", 1000.0, 20.0),
+               _step_row("resnet50:ABC:pool1x1", "off", 800.0, 25.0), _step_row("resnet50:ABC", "default", 900.0, 27.0),
+               {"variant": "resnet50:plain", "compile": "default", "error": "compile timeout"}]
+    return {"name": "r50-moe", "mode": "fast", "k": 1, "status": "ok", "wall_s": 1.0, "results": results}
+
+
+def test_throughput_ratios_are_against_the_plain_backbone_in_the_same_compile_mode(throughput_phase):
+    rows = {(r["variant"], r["compile"]): r for r in throughput([throughput_phase])}
+    assert len(rows) == 4  # the failed compile is no measurement
+    assert rows["resnet50:ABC", "off"]["images_vs_plain"] == pytest.approx(0.6)
+    assert rows["resnet50:ABC", "off"]["peak_vs_plain"] == pytest.approx(1.5)
+    assert rows["resnet50:ABC:pool1x1", "off"]["images_vs_plain"] == pytest.approx(0.8)
+    assert rows["resnet50:plain", "off"]["images_vs_plain"] == 1.0
+    # no compiled plain ResNet-50 in this run: no ratio, rather than one against the eager model
+    assert rows["resnet50:ABC", "default"]["images_vs_plain"] is None
+
+
+def test_reference_of_a_throughput_variant_is_its_plain_backbone():
+    assert reference_variant("resnet50:ABC:pool1x1") == reference_variant("resnet50:plain") == "resnet50:plain"
+    assert reference_variant("resnext50_32x4d:ABC") == "resnext50_32x4d:plain"
+
+
+@pytest.mark.parametrize("variant", ["resnet50", "resnet99:ABC", "resnet50:plain:pool1x1", "resnet50:ABC:x:y"])
+def test_a_malformed_throughput_variant_says_how_to_write_one(variant):
+    with pytest.raises(HarnessError, match="BACKBONE:plain or BACKBONE:ARRANGEMENT"):
+        ThroughputModel.parse(variant)
+    assert ThroughputModel.parse("resnet50:ABC:pool1x1") == ThroughputModel("resnet50", "ABC", "pool1x1")
+
+
+def test_markdown_shows_the_throughput_table(phases, throughput_phase):
+    all_phases = [*phases, throughput_phase]
+    rows = epoch_rows(all_phases)
+    conc = concurrency(all_phases)
+    report = {"environment": {"device_name": "test", "torch": "x", "cuda": None, "cpus": 2}, "data": "d",
+              "wall_s": 1.0, "concurrency": conc, "extrapolation": extrapolate(rows, conc, TABLE4),
+              "phases": all_phases}
+    text = markdown(report, rows)
+    assert "| r50-moe | resnet50:ABC | off | 256 x 224 | 600.0 | 426.7 | 30.00 | 0.60x | 1.50x |" in text
+    assert "| r50-moe | resnet50:ABC | default | 256 x 224 | 900.0 | 284.4 | 27.00 | - | - |" in text
+    assert "- r50-moe: compile timeout" in text
+    assert "images/s vs plain" not in markdown({**report, "phases": phases}, rows)
