@@ -59,3 +59,33 @@ def test_own_preset_logs_the_methods_published_recipe(capsys, harness_home, one_
         "own", "128", "A")
     assert run["params.stage.end-to-end.lr"].startswith("step peak 0.1 ")
     assert run["params.stage.end-to-end.lr_steps"] == "0.8:0.01,0.9:0.0001"
+
+
+BASELINES_II = ("ride", "reslt", "tlc", "ncl-3n", "paco", "bcl")
+
+
+@pytest.mark.slow
+def test_every_baselines_ii_method_runs_on_cifar100_files_and_fills_table1(tmp_path, capsys, harness_home,
+                                                                         one_torch_thread):
+    """The multi-expert and contrastive rows of Table 1 (and BBN, a Table 2 row, by `run method`), one epoch each on
+    CIFAR-100 files in the real layout: multi-view batches, queues and routers go through the real CLI."""
+    root = write_fake_cifar(tmp_path / "cifar", num_classes=100, per_class_train=12, per_class_test=2)
+    data = ["--dataset", "cifar100lt", "--data-root", str(root), "--if", "100"]
+    code, out, err = run_cli(["run", "ablation", "--table", "table1", *data, "--rows", ",".join(BASELINES_II), *TINY],
+                             capsys)
+    assert code == 0, err
+    code, out, err = run_cli(["run", "method", "--method", "bbn", *data, *TINY], capsys)
+    assert code == 0, err
+    runs = Tracker(f"sqlite:///{harness_home / 'mlflow.db'}").search()
+    assert set(runs[runs["tags.kind"] != "study"]["status"]) == {"FINISHED"}
+    keyed = runs[runs["tags.row_key"].notna()].set_index("tags.row_key")
+    assert sorted(keyed.index) == sorted((*BASELINES_II, "bbn"))  # `run method` keys its run by the method
+    children = keyed.drop(index="bbn")
+    assert children.loc["ride", "params.model.experts"] == "3" and children.loc["tlc", "params.model.experts"] == "4"
+    for key in ("paco", "bcl"):  # two views: training FLOPs count both, so above twice the inference forward
+        assert float(children.loc[key, "metrics.cost/train_tflops"]) > 0
+    code, md, err = run_cli(["report", "table1", "--format", "md"], capsys)
+    assert code == 0, err
+    for name in ("| RIDE (3E) | 2021 |", "| PaCo | 2021 |", "| BCL | 2022 |", "| TLC (4E) | 2022 |"):
+        line = next(line for line in md.splitlines() if line.startswith(name))
+        assert "(n=1)" in line, line
