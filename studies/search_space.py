@@ -20,10 +20,21 @@ class Param:
 
 
 # alpha weights L_nt, beta L_mu, both in batch-mean KL units (findings.md): official = 0.1 / 0.01.
+# The Baselines II methods: each one's main knob around its official value (RIDE's diversity weight -0.45, TLC's
+# engagement threshold 0.54, ResLT's beta 0.995, PaCo's alpha 0.01 and T 0.05, BCL's SCL weight 0.6 and T 0.07,
+# NCL's NBOD lambda 0.6). BBN has no numeric loss switch (its alpha is a schedule): pass --space for it.
 SPACES: dict[str, dict[str, Param]] = {
     "shike": {"alpha": Param(1e-3, 1.0, True), "beta": Param(1e-4, 0.1, True), "scale": Param(10.0, 40.0)},
+    "ride": {"diversity_factor": Param(-1.0, 0.0)},
+    "tlc": {"tau": Param(0.3, 0.9), "diversity_factor": Param(1e-3, 0.1, True)},
+    "reslt": {"reslt_beta": Param(0.9, 0.999)},
+    "paco": {"paco_alpha": Param(1e-3, 0.1, True), "temperature": Param(0.03, 0.2, True)},
+    "bcl": {"scl_weight": Param(0.1, 1.0), "temperature": Param(0.05, 0.2, True)},
+    "ncl": {"nbod_weight": Param(0.1, 1.0)},
 }
-DEFAULT_SPACE: dict[str, tuple[str, ...]] = {"shike": ("alpha", "beta")}
+DEFAULT_SPACE: dict[str, tuple[str, ...]] = {"shike": ("alpha", "beta"), "ride": ("diversity_factor",),
+                                             "tlc": ("tau",), "reslt": ("reslt_beta",), "paco": ("paco_alpha",),
+                                             "bcl": ("scl_weight",), "ncl": ("nbod_weight",)}
 
 
 def parse_space(method: str, text: str) -> dict[str, Param]:
