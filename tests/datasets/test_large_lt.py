@@ -119,6 +119,17 @@ def test_refusals_are_one_line(trees, kwargs, fragment):
     assert "\n" not in str(error.value)
 
 
+def test_the_printed_imbalance_factor_is_accepted():
+    """101 / 3 is printed (and asked for) as 33.6667: that value must pass, a visibly different one must not."""
+    from harness.datasets.large_lt import LAYOUTS, check_request
+
+    layout = next(iter(LAYOUTS.values()))
+    counts = (101, 40, 3)
+    assert check_request(layout, counts, 33.6667, None, "first-n", False, 0) == 101 / 3
+    with pytest.raises(HarnessError, match="pass --if 33.6667"):
+        check_request(layout, counts, 33.67, None, "first-n", False, 0)
+
+
 def test_missing_lists_name_the_release_and_inat_has_no_val(tmp_path, trees):
     with pytest.raises(HarnessError, match="ImageNet_LT_train.txt.*OLTR's release"):
         IMAGENETLT.build(imbalance_factor=None, data_root=str(tmp_path))
