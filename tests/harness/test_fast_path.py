@@ -14,11 +14,12 @@ from typing import Any
 
 import pytest
 import torch
+from feeder_support import MEAN, STD, identifiable_split, image_ids
 from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import harness.studies.bench.build as bench_build
-from harness.data import LTData, Split
+from harness.data import LTData
 from harness.datasets.augment import batched_pipeline, per_image_pipeline
 from harness.feeders import DeviceFeeder, ReferenceFeeder
 from harness.studies.bench.build import FAST, REFERENCE, Mode, build_trainer, compiled, synthetic_lt
@@ -122,23 +123,6 @@ def test_channels_last_is_the_same_mathematics(same_batch):
 
 
 # ------------------------------------------------------------------------------------------------ feeders
-
-
-def identifiable_split(n: int = 75, num_classes: int = 4) -> Split:
-    """Images whose first two pixels encode their index, so an un-augmented batch names its images."""
-    g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
-    index = torch.arange(n)
-    images[:, 0, 0, 0], images[:, 0, 0, 1] = (index % 256).to(torch.uint8), (index // 256).to(torch.uint8)
-    return Split(images, index % num_classes)
-
-
-MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
-
-
-def image_ids(batch: torch.Tensor) -> torch.Tensor:
-    pixels = ((batch[:, 0, 0, :2] * STD[0] + MEAN[0]) * 255).round().long()
-    return pixels[:, 0] + 256 * pixels[:, 1]
 
 
 def collect(batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> tuple[list[int], torch.Tensor, torch.Tensor]:

@@ -8,6 +8,7 @@ from collections import Counter
 
 import pytest
 import torch
+from feeder_support import MEAN, STD, identifiable_split, image_ids
 from torch import nn
 
 from harness.config import resolve_config
@@ -20,23 +21,6 @@ from harness.samplers import class_probabilities, make_view_draw
 from harness.trainer import Trainer
 
 CPU = torch.device("cpu")
-MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
-
-
-def identifiable_split(n: int = 75, num_classes: int = 4) -> Split:
-    """Images whose first two pixels encode their index, so an un-augmented batch names its images."""
-    g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
-    index = torch.arange(n)
-    images[:, 0, 0, 0], images[:, 0, 0, 1] = (index % 256).to(torch.uint8), (index // 256).to(torch.uint8)
-    return Split(images, index % num_classes)
-
-
-def image_ids(batch: torch.Tensor) -> torch.Tensor:
-    pixels = ((batch[:, 0, 0, :2] * STD[0] + MEAN[0]) * 255).round().long()
-    return pixels[:, 0] + 256 * pixels[:, 1]
-
-
 def feeders(split: Split, augment: str, batch: int = 32) -> dict[str, object]:
     return {"reference": ReferenceFeeder(split, per_image_pipeline(augment, MEAN, STD), batch, CPU),
             "device": DeviceFeeder(split, batched_pipeline(augment, MEAN, STD), batch, CPU)}
