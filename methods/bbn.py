@@ -21,6 +21,7 @@ import torch
 from harness.method import LossTerm, LossTermModule, MethodSpec, ModelOutput, Stage, View, own_recipe
 from harness.methods.losses_moe import bbn_alpha, bbn_mixed_loss
 from harness.methods.models.bbn_resnet import BBNResNet
+from harness.methods.models.moe import require_cifar_backbone
 from harness.methods.recipes import SHIKE_SINGLE, pick
 from harness.registry import METHODS
 
@@ -58,10 +59,11 @@ class BBNLoss(LossTermModule):
 @own_recipe(optim__batch_size=128, optim__weight_decay=2e-4, optim__lr=0.1, data__augment="basic",
             method__shortcut="A")
 def bbn(*, num_classes: int, class_counts: Sequence[int], recipe: str = "shike", depth: int = 32,
-        shortcut: str = "B", round_divisor: bool = True) -> MethodSpec:
+        shortcut: str = "B", round_divisor: bool = True, backbone: str = "resnet32") -> MethodSpec:
     """BBN: BBN-ResNet (`depth` 32: layer3 = 4 blocks + the two branch blocks), the reversed sampler as a second view
     of every batch, cumulative learning alpha = 1 - (epoch / T)^2 in both the model and the loss. `round_divisor`:
     T is the stage length, but 90 and 180 round up to 100 and 200 as the official `Combiner` does."""
+    require_cifar_backbone("bbn", backbone)
     model = BBNResNet(num_classes=num_classes, shortcut=shortcut, depth=depth, round_divisor=round_divisor)
     term = LossTerm("bbn", 1.0, BBNLoss(round_divisor=round_divisor))
     stage = Stage("end-to-end", (term,), views=(View(sampler="reversed"),), **pick(recipe, SHIKE_SINGLE, BBN_OWN))

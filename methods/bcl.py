@@ -32,6 +32,7 @@ from harness.method import LossTerm, LossTermModule, MethodSpec, ModelOutput, St
 from harness.methods.losses_lt import _counts64
 from harness.methods.losses_moe import bcl_loss
 from harness.methods.models.contrastive import BCLModel, ContrastiveOutput
+from harness.methods.models.moe import require_cifar_backbone
 from harness.methods.recipes import SHIKE_SINGLE, pick
 from harness.registry import METHODS
 
@@ -81,11 +82,12 @@ class BalancedContrast(LossTermModule):
 def bcl(*, num_classes: int, class_counts: Sequence[int], recipe: str = "shike", ce_weight: float = 2.0,
         scl_weight: float = 0.6, temperature: float = 0.07, hidden_dim: int = 512, projection_dim: int = 128,
         num_views: int = 2, head: str = "cosine", scale: float = 30.0, shortcut: str = "B",
-        depth: int = 32) -> MethodSpec:
+        depth: int = 32, backbone: str = "resnet32") -> MethodSpec:
     """BCL: `ce_weight` * logit-compensated CE on view 0 + `scl_weight` * balanced contrastive loss (T =
     `temperature`) on the projections (64 -> `hidden_dim` -> `projection_dim`) and the class prototypes; `head`
     "cosine" (official, s = `scale`) or "linear". One stage on `num_views` views (2 or 3); the projection and
     prototype MLPs (group "contrastive") train with the backbone."""
+    require_cifar_backbone("bcl", backbone)
     if num_views not in VIEW_CHOICES:
         raise HarnessError(f"method.num_views must be 2 or 3 (3: the official split), got {num_views}")
     model = BCLModel(num_classes=num_classes, views=num_views, head=head, scale=scale, shortcut=shortcut,

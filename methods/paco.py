@@ -26,6 +26,7 @@ from harness.method import LossTerm, LossTermModule, MethodSpec, ModelOutput, St
 from harness.methods.losses_lt import _counts64
 from harness.methods.losses_moe import paco_loss
 from harness.methods.models.contrastive import ContrastiveOutput, LabelledQueue, PaCoModel
+from harness.methods.models.moe import require_cifar_backbone
 from harness.methods.recipes import SHIKE_SINGLE, pick
 from harness.registry import METHODS
 
@@ -79,11 +80,12 @@ class PaCoTerm(LossTermModule):
             method__shortcut="A")
 def paco(*, num_classes: int, class_counts: Sequence[int], recipe: str = "shike", paco_alpha: float = 0.01,
          temperature: float = 0.05, queue_size: int = 1024, queue_share: float = 0.1, projection_dim: int = 32,
-         momentum: float = 0.999, shortcut: str = "B", depth: int = 32) -> MethodSpec:
+         momentum: float = 0.999, shortcut: str = "B", depth: int = 32, backbone: str = "resnet32") -> MethodSpec:
     """PaCo on CIFAR-100-LT's official settings: alpha 0.01 (`paco_alpha`: the weight of same-class samples;
     beta = gamma = 1 as always), T 0.05 (`--moco-t`), queue 1024 (`--moco-k`, capped at `queue_share` of the
     training set: see `queue_length`), projection 64 -> 64 -> 32 (`--mlp`, `--moco-dim 32`), momentum 0.999.
     One stage on two views of each image; the projection (group "contrastive") trains with the backbone."""
+    require_cifar_backbone("paco", backbone)
     queue = queue_length(queue_size, queue_share, int(sum(class_counts)))
     model = PaCoModel(num_classes=num_classes, shortcut=shortcut, depth=depth, projection_dim=projection_dim,
                       queue_size=queue, momentum=momentum)

@@ -23,6 +23,7 @@ import torch
 from harness.errors import HarnessError
 from harness.method import LossTerm, LossTermModule, MethodSpec, ModelOutput, Stage, own_recipe
 from harness.methods.losses_moe import reslt_loss
+from harness.methods.models.moe import require_cifar_backbone
 from harness.methods.models.reslt_resnet import ResLTResNet
 from harness.methods.recipes import SHIKE_SINGLE, pick
 from harness.registry import METHODS
@@ -60,9 +61,10 @@ class ResLTLoss(LossTermModule):
 @own_recipe(optim__batch_size=128, optim__weight_decay=5e-4, optim__lr=0.1, data__augment="basic",
             method__shortcut="A")
 def reslt(*, num_classes: int, class_counts: Sequence[int], recipe: str = "shike", reslt_beta: float = 0.995,
-          group_cuts: str = "", shortcut: str = "B", depth: int = 32) -> MethodSpec:
+          group_cuts: str = "", shortcut: str = "B", depth: int = 32, backbone: str = "resnet32") -> MethodSpec:
     """ResLT ("3E" in SHIKE's table: the three branches). reslt_beta: 0.995 as the IF-100 script (0.99 at IF 50,
     0.72 at IF 10). group_cuts: "" scales CIFAR-100's 35,70 to the class count, or "c1,c2" explicitly."""
+    require_cifar_backbone("reslt", backbone)
     if any(a < b for a, b in zip(class_counts, class_counts[1:])):
         raise HarnessError("ResLT's groups are class-id cuts: it needs classes sorted by decreasing training count")
     cuts = reslt_group_cuts(num_classes, group_cuts)

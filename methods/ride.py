@@ -34,6 +34,7 @@ from harness.errors import HarnessError
 from harness.method import LossTerm, LossTermModule, MethodSpec, ModelOutput, Stage, own_recipe
 from harness.methods.losses import softmax_kl
 from harness.methods.losses_moe import RIDELoss
+from harness.methods.models.moe import require_cifar_backbone
 from harness.methods.models.ride_resnet import FULL_WIDTHS, RIDE_WIDTHS, ExpertRouter, RideResNet
 from harness.methods.recipes import LDAM, SHIKE_SINGLE, cosine, pick
 from harness.registry import METHODS
@@ -121,13 +122,15 @@ def ride(*, num_classes: int, class_counts: Sequence[int], recipe: str = "shike"
          reduce_dimension: bool = True, diversity_factor: float = -0.45, diversity_temperature: float = 1.0,
          max_margin: float = 0.5, scale: float = 30.0, drw: bool = True, drw_beta: float = 0.9999,
          reweight_factor: float = 0.05, router: bool = False, router_top: int = 30, router_pos_weight: float = 100.0,
-         teacher: str = "", distill_temperature: float = 1.5, shortcut: str = "B", depth: int = 32) -> MethodSpec:
+         teacher: str = "", distill_temperature: float = 1.5, shortcut: str = "B", depth: int = 32,
+         backbone: str = "resnet32") -> MethodSpec:
     """RIDE with `experts` experts (3: "RIDE (3E)"), widths 24/48 (`reduce_dimension`; False: 32/64). Loss per
     expert (Eq. 4-5 on LDAM-DRW): LDAM (max margin 0.5, s 30) with CB(0.9999) DRW weights from 80 % of the stage
     (epoch 160 of 200) + diversity_factor * Tbar^2 * KL(ensemble || expert), -0.45 as the current CIFAR config
     (-0.2 at older commits), per-class temperature (reweight factor 0.05) from the DRW epoch.
     router: add the expert-assignment stage (top `router_top` logits, BCE pos_weight `router_pos_weight`).
     teacher: "" (none) or the path of a saved RIDE state dict to distil from at `distill_temperature`."""
+    require_cifar_backbone("ride", backbone)
     if router and experts < 2:
         raise HarnessError(f"method.router needs method.experts >= 2 (got {experts}): it decides whether to add one")
     widths = RIDE_WIDTHS if reduce_dimension else FULL_WIDTHS

@@ -19,6 +19,7 @@ import torch
 
 from harness.method import LossTerm, MethodSpec, ModelOutput, Stage, own_recipe
 from harness.methods.losses_moe import TLCLoss
+from harness.methods.models.moe import require_cifar_backbone
 from harness.methods.models.ride_resnet import FULL_WIDTHS, TLCResNet
 from harness.methods.recipes import LDAM, SHIKE_SINGLE, pick
 from harness.registry import METHODS
@@ -41,13 +42,14 @@ class TLCLoss64(TLCLoss):
 def tlc(*, num_classes: int, class_counts: Sequence[int], recipe: str = "shike", experts: int = 4,
         tau: float = 0.54, engagement: bool = True, eta: float = 0.2, fusion: str = "paper", max_margin: float = 0.5,
         scale: float = 30.0, drw: bool = True, drw_beta: float = 0.9999, reweight_factor: float = 0.05,
-        annealing: float = 500.0, diversity_factor: float = 0.01, shortcut: str = "B", depth: int = 32) -> MethodSpec:
+        annealing: float = 500.0, diversity_factor: float = 0.01, shortcut: str = "B", depth: int = 32, backbone: str = "resnet32") -> MethodSpec:
     """TLC with `experts` experts: 4 by default, as SHIKE's "TLC (4E)" row and TLC's reported 49.8; the official
     CIFAR config (`configs/cifar100_lt.json`) has 3 (`--set method.experts=3`).
     tau: dynamic-engagement threshold (`engagement=False` keeps every sample). eta: fusion temperature.
     fusion: "paper" (softmax over experts per sample, Eq. 9) or "code" (the official forward: exp(w_k / eta)
     normalised over the batch). KL annealing weight (epoch + 1) / ((drw epoch + annealing) / reweight_factor) =
     epoch / 13,200 on the 200-epoch recipe; DRW CB(drw_beta) and the per-class diversity temperature from 80 %."""
+    require_cifar_backbone("tlc", backbone)
     model = TLCResNet(num_classes=num_classes, experts=experts, widths=FULL_WIDTHS, shared=0, depth=depth,
                       shortcut=shortcut, scale=scale, eta=eta, fusion=fusion)
     loss = TLCLoss64(class_counts, max_margin=max_margin, scale=scale, drw_beta=drw_beta,

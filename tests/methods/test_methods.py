@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from harness.config import builder_defaults
+from harness.errors import HarnessError
 from harness.method import LTModel, MethodSpec
 from harness.registry import METHODS
 
@@ -79,3 +80,18 @@ def test_unknown_method_lists_the_known_ones():
 def test_registry_refuses_duplicates():
     with pytest.raises(ValueError, match="already registered"):
         METHODS.register("shike")(lambda: None)
+
+
+CIFAR_ONLY = ("ride", "reslt", "tlc", "bbn", "paco", "bcl", "branches")
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_every_builder_takes_a_backbone_and_a_cifar_only_one_refuses_the_others(name):
+    """`--set method.backbone=resnet50` (or a large-scale preset) reaches every builder; one whose network exists on
+    the CIFAR ResNet only says so in one line instead of silently training ResNet-32 on ImageNet."""
+    builder = METHODS.get(name)
+    assert builder_defaults(builder).get("backbone") == "resnet32", name
+    if name in CIFAR_ONLY:
+        with pytest.raises(HarnessError, match="resnet32") as error:
+            builder(num_classes=len(COUNTS), class_counts=COUNTS, backbone="resnet50")
+        assert "\n" not in str(error.value)
