@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_support import run_cli
 from PIL import Image
 from torchvision import transforms
 
-from harness.cli import main
 from harness.data import FileSplit
 from harness.datasets.fake_large import LIST_NAMES, write_fake_large_lt
 from harness.datasets.large_augment import RA_OP_NAMES, NCLRandAugment
@@ -27,16 +27,6 @@ SPECS = {"imagenetlt": IMAGENETLT, "inat2018": INAT2018, "placeslt": PLACESLT}
 # Head to tail: one many-shot class (> 100), two medium (20..100, both ends), three few (< 20); IF 101 / 2 = 50.5.
 COUNTS = [101, 100, 20, 19, 3, 2]
 GROUPS = {"many": [101], "medium": [100, 20], "few": [19, 3, 2]}
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    """main() as the console script runs it (argparse errors exit through SystemExit)."""
-    try:
-        code = main(args)
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import sys
 import types
 
 import pytest
+from cli_support import run_cli as cli
 
 from harness.cli import main
 from harness.errors import HarnessError
@@ -37,15 +38,6 @@ STUDY = ["run", "ablation", "--rows", "plain", "--seeds", "0,1", "--cpus-per-run
 # The end-to-end tests share the module's store, the local reference runs and one Ray cluster: one xdist worker.
 SHARED = pytest.mark.xdist_group("dispatch")
 FINAL = ["metrics.test/top1", "metrics.test/few", "metrics.test/ece", "metrics.test/nll"]
-
-
-def cli(args: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        code = main(args)
-    except SystemExit as exit_:
-        code = exit_.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def one_line(err: str) -> str:
