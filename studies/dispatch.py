@@ -36,6 +36,7 @@ from harness.config import RunConfig
 from harness.errors import HarnessError
 from harness.interrupts import Terminated, install_signal_handlers
 from harness.plugins import ENV_VAR as PLUGINS_ENV
+from harness.plugins import load_env_plugins
 from harness.progress import NullProgress, relay
 from harness.registry import Registry
 from harness.runner import Run
@@ -202,6 +203,7 @@ _worker_progress: Any = None  # set in each pool process by `_start_worker`
 def _start_worker(progress: Any) -> None:
     global _worker_progress
     install_signal_handlers()  # SIGTERM unwinds a worker's run as in the main process: checkpoint kept, run KILLED
+    load_env_plugins()  # the --plugin modules, before any run starts, as the main process imported them
     _worker_progress = progress
 
 

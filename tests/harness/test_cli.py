@@ -6,13 +6,14 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+import warm_cli
 from cli_support import run_cli
+from warm_cli import WarmProcess
 
 from harness.registry import METHODS
 
@@ -90,8 +91,8 @@ def test_run_method_end_to_end_on_real_data(capsys, harness_home, one_torch_thre
 PLUGINS = Path(__file__).parent / "plugins_for_tests"  # pause_points: records the epoch a run (re)starts at
 
 
-def _cli(home: Path, *args: str, events: Path | None = None) -> subprocess.Popen:
-    """`python -m harness.cli ARGS` in its own process; one torch thread, so two of them share 2 cores without
+def _cli(home: Path, *args: str, events: Path | None = None) -> WarmProcess:
+    """`python -m harness.cli ARGS` in its own process (forked warm: tests/warm_cli.py); one torch thread, so two of them share 2 cores without
     stalling each other (and both compute with the same thread count, hence the same numbers). With `events`, the
     test-only plugin pause_points writes there the epoch the run starts training at (it never pauses here)."""
     env = {**os.environ, "HARNESS_HOME": str(home), "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
@@ -101,8 +102,7 @@ def _cli(home: Path, *args: str, events: Path | None = None) -> subprocess.Popen
         env.update(HARNESS_TEST_EVENTS=str(events), HARNESS_TEST_PAUSE="",
                    PYTHONPATH=os.pathsep.join(p for p in (str(PLUGINS), os.environ.get("PYTHONPATH", "")) if p))
         plugin = ["--plugin", "pause_points"]
-    return subprocess.Popen([sys.executable, "-m", "harness.cli", *plugin, *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return warm_cli.popen([*plugin, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def _loss_steps(home: Path) -> list[int]:
@@ -167,13 +167,9 @@ def test_a_plugin_table_is_reported_by_name(tmp_path):
     (tmp_path / "toy_table_plugin.py").write_text(TOY_TABLE)
     env = {**os.environ, "HARNESS_HOME": str(tmp_path / "runs"), "PYTHONPATH": str(tmp_path)}
     commands = [["--plugin", "toy_table_plugin", "report", "toy", "--format", "csv", "--no-log"], ["report", "toy"]]
-    with_plugin, without = [subprocess.Popen([sys.executable, "-m", "harness.cli", *args], env=env, text=True,
-                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-                            for args in commands]  # both at once: two interpreters start in the time of one
-    out, err = with_plugin.communicate(timeout=120)
-    assert with_plugin.returncode == 0, err
-    lines = out.splitlines()
+    with_plugin, without = [warm_cli.run(args, env=env, timeout=120) for args in commands]
+    assert with_plugin.returncode == 0, with_plugin.stderr
+    lines = with_plugin.stdout.splitlines()
     assert lines[0].startswith("row,column,mean,std,n,ci95,paper,diff,status")
     assert lines[1].startswith("CE,Acc,,,0,,40.0,,no runs") and lines[2].startswith("Other,Acc,,,0,,41.0,,not runnable")
-    _, err = without.communicate(timeout=120)
-    assert without.returncode == 2 and "unknown report 'toy'; tables: table1" in err
+    assert without.returncode == 2 and "unknown report 'toy'; tables: table1" in without.stderr

@@ -6,10 +6,10 @@ from __future__ import annotations
 import multiprocessing
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+import warm_cli
 
 from harness.tracking import Tracker
 
@@ -84,10 +84,8 @@ def test_two_cli_runs_on_one_new_store(tmp_path):
     """Two `harness run method` processes (seeds 0 and 1, one experiment) started together on an empty folder."""
     home = tmp_path / "runs"
     env = {**os.environ, "HARNESS_HOME": str(home), "OMP_NUM_THREADS": "1"}
-    commands = [[sys.executable, "-m", "harness.cli", "run", "method", "--method", "ce", *TINY, "--seeds", str(seed)]
-                for seed in (0, 1)]
-    procs = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for c in commands]
+    commands = [["run", "method", "--method", "ce", *TINY, "--seeds", str(seed)] for seed in (0, 1)]
+    procs = [warm_cli.popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for c in commands]
     outputs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outputs]
     names, runs = _runs_of(f"sqlite:///{Path(home) / 'mlflow.db'}", "ce-fmnistlt-if100")

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import warm_cli
 from cli_support import run_cli
 
 from harness.datasets.cifar_lt import build_cifar10lt
@@ -52,12 +53,12 @@ class Result:
 
 
 def harness(args: list[str], home: Path, timeout: float = FAULT_TIMEOUT_S, **env: str) -> Result:
-    """`python -m harness.cli ARGS` in a subprocess with HARNESS_HOME=home: what a user's shell sees."""
+    """`python -m harness.cli ARGS` in a process of its own (forked warm, tests/warm_cli.py) with HARNESS_HOME=home:
+    what a user's shell sees."""
     full_env = {**os.environ, "HARNESS_HOME": str(home), "OMP_NUM_THREADS": "1", **env}
     full_env.pop("MLFLOW_TRACKING_URI", None)
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "harness.cli", *args], env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
+    done = warm_cli.run(args, env=full_env, timeout=timeout)
     return Result(done.returncode, done.stdout, done.stderr, time.perf_counter() - started)
 
 
@@ -174,7 +175,7 @@ def mlflow_server(folder: Path) -> Iterator[MlflowServer]:
         server.stop()
 
 
-def _wait_for_first_epoch(url: str, experiment: str, process: subprocess.Popen, timeout: float = 300) -> str:
+def _wait_for_first_epoch(url: str, experiment: str, process: warm_cli.WarmProcess, timeout: float = 300) -> str:
     """The run id, once its first epoch's metrics reached the server."""
     tracker = Tracker(url)
     deadline = time.monotonic() + timeout
@@ -234,9 +235,9 @@ def test_server_lost_mid_run_spools_every_step_and_replay_delivers_each_once(tmp
     epochs, total = "6+1", 7  # ResNet-8 epochs: seconds of training still to go when the server is killed
     env = {**os.environ, "HARNESS_HOME": str(home), "OMP_NUM_THREADS": "1"}
     with mlflow_server(store) as server:
-        run = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", "method", "--method", "ce", *TINY,
-                                "--epochs", epochs, "--tracking-uri", server.url, "--experiment", "lost"],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        run = warm_cli.popen(["run", "method", "--method", "ce", *TINY, "--epochs", epochs, "--tracking-uri",
+                              server.url, "--experiment", "lost"], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
         run_id = _wait_for_first_epoch(server.url, "lost", run)
     out, err = run.communicate(timeout=600)  # the server died while the run was still training
     spool = home / "spool" / f"{run_id}.jsonl"

@@ -23,7 +23,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import warm_cli
+from warm_cli import WarmProcess
 
 from harness.cost import is_measured
 
@@ -80,20 +81,19 @@ class Place:
         return folder
 
 
-def launch(place: Place, tag: str, pause: str = "", resume: bool = False) -> tuple[subprocess.Popen, Path, Path]:
-    """Start `harness run method` under the pause plugin; one torch thread (a shared 2-core machine)."""
+def launch(place: Place, tag: str, pause: str = "", resume: bool = False) -> tuple[WarmProcess, Path, Path]:
+    """Start `harness run method` under the pause plugin; one torch thread (a shared 2-core machine). The process is
+    forked from the warm CLI server (tests/warm_cli.py: no import start-up; SIGINT raises KeyboardInterrupt in it
+    as in a terminal, whatever pytest's own disposition)."""
     home = place.home
     events, stderr = home / f"{place.experiment}-{tag}.events", home / f"{place.experiment}-{tag}.stderr"
     path = os.pathsep.join(p for p in (str(PLUGINS), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "HARNESS_HOME": str(home), "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
            "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "HARNESS_TEST_EVENTS": str(events),
            "HARNESS_TEST_PAUSE": pause}
-    command = [sys.executable, "-m", "harness.cli", "--plugin", "pause_points", *ARGS, "--experiment",
-               place.experiment, *(["--resume"] * resume)]
-    # SIGINT back to its default (pytest may have been started with it ignored, e.g. in the background), so the
-    # child's Python turns it into KeyboardInterrupt as in a terminal.
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=open(stderr, "w"),
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    with open(stderr, "w") as err:
+        process = warm_cli.popen(["--plugin", "pause_points", *ARGS, "--experiment", place.experiment,
+                                  *(["--resume"] * resume)], env=env, stdout=subprocess.DEVNULL, stderr=err)
     return process, events, stderr
 
 

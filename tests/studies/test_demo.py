@@ -6,12 +6,12 @@ from __future__ import annotations
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import warm_cli
 
 from harness.studies.demo import Verdict, group_bars, head_to_tail, verdicts
 from harness.studies.stats import difference
@@ -79,10 +79,9 @@ def test_demo_end_to_end_with_two_workers(tmp_path, monkeypatch):
     the two-row table, the verdict lines, and the figure and table written and logged to the parent run."""
     env = {**os.environ, "HARNESS_HOME": str(tmp_path / "home"), "MLFLOW_DISABLE_TELEMETRY": "true",
            "DO_NOT_TRACK": "true"}
-    done = subprocess.run(
-        [sys.executable, "-m", "harness.cli", "demo", "--epochs", "1+1", "--seeds", "0,1", "--workers", "2",
-         "--set", "data.test_per_class=20", "--set", "data.n_max=300", "--out", str(tmp_path / "out")],
-        capture_output=True, text=True, env=env, timeout=600)
+    done = warm_cli.run(
+        ["demo", "--epochs", "1+1", "--seeds", "0,1", "--workers", "2", "--set", "data.test_per_class=20",
+         "--set", "data.n_max=300", "--out", str(tmp_path / "out")], env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stderr.splitlines()
     for run in ("plain-fmnistlt-if100-s0", "plain-fmnistlt-if100-s1", "shike-fmnistlt-if100-s0",
@@ -126,31 +125,38 @@ def _alive_in_group(pgid: int) -> list[int]:
     return alive
 
 
+PLUGINS = Path(__file__).parents[1] / "harness" / "plugins_for_tests"  # pause_points: pause at a named instant
+
+
 @pytest.mark.slow
 def test_sigterm_stops_every_worker_and_resume_runs_only_the_rest(tmp_path, monkeypatch):
-    """SIGTERM to `run ablation --workers 2` ends both worker runs (KILLED, checkpointed) and the parent (exit 143)
-    with no process left behind; `--resume` then finishes both runs without re-running their first epoch (checkpointed
-    before the second epoch began, so it must not be trained again)."""
+    """SIGTERM to `run ablation --workers 2` while both worker runs are inside their second epoch (each paused there
+    by the test-only pause_points plugin, which the workers import too) ends both runs (KILLED, checkpointed) and the
+    parent (exit 143) with no process left behind; `--resume` then finishes both runs without re-running their first
+    epoch (checkpointed before the second began, so it must not be trained again)."""
+    import json
     import signal
     import time
 
+    events = tmp_path / "events"
     env = {**os.environ, "HARNESS_HOME": str(tmp_path / "home"), "MLFLOW_DISABLE_TELEMETRY": "true",
            "DO_NOT_TRACK": "true"}
-    command = [sys.executable, "-m", "harness.cli", "run", "ablation", "--dataset", "fmnistlt", "--if", "100",
-               "--rows", "plain,shike", "--seeds", "0", "--workers", "2", "--epochs", "12+1",
-               "--set", "method.depth=8", "--set", "data.test_per_class=10", "--set", "train.eval_interval=0",
-               "--set", "data.n_max=300"]  # ~1,000 images: short epochs, and enough of them to stop mid-run
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
-                               start_new_session=True)
-    started, seen = time.monotonic(), set()
-    assert process.stderr is not None
-    for line in process.stderr:
-        if "representation epoch 2/12" in line:
-            seen.add(line.split()[0])
-        if len(seen) == 2 or time.monotonic() - started > 300:
+    paused = {**env, "HARNESS_TEST_EVENTS": str(events), "HARNESS_TEST_PAUSE": "step:1:0",
+              "PYTHONPATH": os.pathsep.join(p for p in (str(PLUGINS), os.environ.get("PYTHONPATH", "")) if p)}
+    args = ["run", "ablation", "--dataset", "fmnistlt", "--if", "100", "--rows", "plain,shike", "--seeds", "0",
+            "--workers", "2", "--epochs", "3+1", "--set", "method.depth=8", "--set", "data.test_per_class=10",
+            "--set", "train.eval_interval=0", "--set", "data.n_max=60", "--set", "optim.batch_size=32"]
+    process = warm_cli.popen(["--plugin", "pause_points", *args], env=paused, stderr=subprocess.PIPE,
+                             stdout=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        lines = events.read_text().splitlines() if events.exists() else []
+        if sum(json.loads(line)["event"] == "paused" for line in lines) == 2:
             break
-    assert len(seen) == 2, "both workers should have finished two epochs"
+        time.sleep(0.05)
+    assert process.poll() is None, "both workers should have paused inside their second epoch"
     process.send_signal(signal.SIGTERM)
+    assert process.stderr is not None
     rest = process.stderr.read()
     assert process.wait(timeout=120) == 143, rest[-2000:]
     assert "rerun with --resume" in rest and "Traceback" not in rest
@@ -163,10 +169,12 @@ def test_sigterm_stops_every_worker_and_resume_runs_only_the_rest(tmp_path, monk
     runs = Tracker().search(["table4-fmnistlt-if100"])
     assert sorted(runs["status"]) == ["KILLED"] * 3  # the parent and both children
 
-    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, env=env, timeout=600)
+    resumed = warm_cli.run([*args, "--resume"], env=env, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "representation epoch 1/12" not in resumed.stderr  # checkpointed epochs are not trained again
-    assert "shike-fmnistlt-if100-s0 representation epoch 12/12" in resumed.stderr
+    assert "representation epoch 1/3" not in resumed.stderr  # checkpointed epochs are not trained again
+    for run in ("plain-fmnistlt-if100-s0", "shike-fmnistlt-if100-s0"):
+        assert f"{run} representation epoch 2/3" in resumed.stderr
+        assert f"{run} classifier epoch 1/1" in resumed.stderr
     runs = Tracker().search(["table4-fmnistlt-if100"])
     children = runs[runs["tags.kind"] != "study"]
     assert sorted(children["status"]) == ["FINISHED", "FINISHED"]

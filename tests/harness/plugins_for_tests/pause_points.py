@@ -79,9 +79,11 @@ class PauseHook(Hook):
         self.step = 0
 
 
-class PausingRun(runner.Run):
-    def __init__(self, *args: Any, hooks: Any = (), **kwargs: Any) -> None:
-        super().__init__(*args, hooks=[*hooks, PauseHook()], **kwargs)
+_run_init = runner.Run.__init__
+
+
+def run_init_with_pause(self: runner.Run, *args: Any, hooks: Any = (), **kwargs: Any) -> None:
+    _run_init(self, *args, hooks=[*hooks, PauseHook()], **kwargs)
 
 
 _atomic_write_bytes = checkpoint.atomic_write_bytes
@@ -106,5 +108,7 @@ def atomic_write_bytes(path: Path, write: Any) -> None:
     maybe_pause(f"written:{PauseHook.epoch}")
 
 
-runner.Run = PausingRun  # the CLI's commands import Run from harness.runner when they run
+# On the class itself, not the module's name: a study module that imported `Run` before this plugin (a worker
+# process unpickling its job imports harness.studies.dispatch first) still makes its runs with the hook.
+runner.Run.__init__ = run_init_with_pause
 checkpoint.atomic_write_bytes = atomic_write_bytes
