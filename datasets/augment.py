@@ -7,6 +7,8 @@ the DeepVoltaire/AutoAugment CIFAR-10 policy (AutoAugment paper, Cubuk et al. 20
 One deliberate difference: every random draw uses torch's global RNG (the official code uses python `random` and
 `np.random`), so seeding torch once per epoch makes a DataLoader with num_workers=0 reproducible (exact resume).
 `datasets.batched_augment.BatchedAugment` samples the same distribution for a whole batch at once.
+"sim" is PaCo's SimCLR-style CIFAR view (`sim_transform`, from dvlab-research PaCo `paco_cifar.py`), the view a
+contrastive method's extra views name (`harness.method.View(augment="sim")`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 from torchvision import transforms
 
 from harness.data import Augmentations
@@ -184,14 +186,64 @@ class Cutout:
         return f"Cutout(holes={self.holes}, length={self.length})"
 
 
-AUGMENTS = ("autoaugment", "basic", "none")
+class GaussianBlur:
+    """MoCo v2's blur (`moco/loader.py: GaussianBlur`, which PaCo's `paco_cifar.py` and NCL's `cui_cifar.py` use):
+    sigma ~ U(sigma_min, sigma_max), then PIL `ImageFilter.GaussianBlur(radius=sigma)`; sigma is drawn from torch's
+    RNG (the official uses python `random`) so that seeding torch replays it."""
+
+    def __init__(self, sigma: tuple[float, float] = (0.1, 2.0)) -> None:
+        self.sigma = sigma
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        low, high = self.sigma
+        sigma = low + (high - low) * float(torch.rand(()).item())
+        return img.filter(ImageFilter.GaussianBlur(radius=sigma))
+
+    def __repr__(self) -> str:
+        return f"GaussianBlur(sigma={self.sigma})"
+
+
+# PaCo's CIFAR key view, `augmentation_sim_cifar` in dvlab-research `PaCo/LT/paco_cifar.py` (read in the
+# dvlab-research/Imbalanced-Learning copy, e0071fe; NCL's `lib/dataset/cui_cifar.py: aug_plus` is the same list):
+# RandomResizedCrop(32, scale=(0.2, 1.)), RandomHorizontalFlip, RandomApply([ColorJitter(0.4, 0.4, 0.4, 0.1)],
+# p=0.8), RandomGrayscale(p=0.2), RandomApply([GaussianBlur([.1, 2.])], p=0.5), ToTensor, Normalize.
+SIM_SCALE = (0.2, 1.0)
+SIM_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's default aspect ratios
+SIM_JITTER = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
+SIM_JITTER_P = 0.8
+SIM_GRAY_P = 0.2
+SIM_BLUR_SIGMA = (0.1, 2.0)
+SIM_BLUR_P = 0.5
+
+
+def sim_transform(mean: tuple[float, ...], std: tuple[float, ...], size: int = 32) -> transforms.Compose:
+    """The SimCLR-style "sim" view of PaCo's CIFAR code (constants above), on PIL images, torch RNG throughout.
+
+    Single-channel data (len(mean) == 1) skips RandomGrayscale and the saturation and hue parts of the jitter, which
+    are undefined on one channel. Fashion-MNIST-LT is stored as three identical channels, where saturation, hue and
+    grayscale are exact identities (PIL's L weights sum to 65536/65536), so it takes the same pipeline as CIFAR."""
+    colour = len(mean) != 1
+    brightness, contrast, saturation, hue = SIM_JITTER
+    jitter = (transforms.ColorJitter(brightness, contrast, saturation, hue) if colour
+              else transforms.ColorJitter(brightness, contrast))
+    steps = [transforms.RandomResizedCrop(size, scale=SIM_SCALE, ratio=SIM_RATIO), transforms.RandomHorizontalFlip(),
+             transforms.RandomApply([jitter], p=SIM_JITTER_P)]
+    if colour:
+        steps.append(transforms.RandomGrayscale(p=SIM_GRAY_P))
+    steps += [transforms.RandomApply([GaussianBlur(SIM_BLUR_SIGMA)], p=SIM_BLUR_P), transforms.ToTensor(),
+              transforms.Normalize(mean, std)]
+    return transforms.Compose(steps)
+
+
+AUGMENTS = ("autoaugment", "basic", "none", "sim")
 
 
 def train_transform(
     mean: tuple[float, ...], std: tuple[float, ...], augment: str = "autoaugment"
 ) -> transforms.Compose:
     """The official CIFAR training stack (cifarTrain.py:21-36): 'autoaugment' = 'advanced_train'
-    (crop, flip, CIFAR10Policy, ToTensor, Cutout(16), Normalize); 'basic' = 'base_train'; 'none' = Normalize only."""
+    (crop, flip, CIFAR10Policy, ToTensor, Cutout(16), Normalize); 'basic' = 'base_train'; 'none' = Normalize only;
+    'sim' = PaCo's SimCLR-style key view (`sim_transform`), the contrastive views of PaCo, BCL and NCL."""
     normalize = [transforms.ToTensor(), transforms.Normalize(mean, std)]
     crop_flip = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()]
     if augment == "autoaugment":
@@ -202,6 +254,8 @@ def train_transform(
         return transforms.Compose([*crop_flip, *normalize])
     if augment == "none":
         return transforms.Compose(normalize)
+    if augment == "sim":
+        return sim_transform(mean, std)
     raise ValueError(f"unknown augment {augment!r}; known: {', '.join(AUGMENTS)}")
 
 

@@ -9,6 +9,7 @@ tests/datasets/test_augment.py). Geometric ops are index gathers with PIL's own 
 affine_grid + grid_sample, whose pixel-centre rounding and bicubic kernel (a = -0.75) differ from PIL's.
 AutoAugment runs one op type at a time on the samples that drew it: one host sync per call (the group sizes), loops
 over the 2 slots x 14 op types only, never over images.
+The "sim" view lives in `batched_sim.py`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,14 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
-from harness.datasets.augment import AUGMENTS, CIFAR10_POLICY, MAGNITUDES, OP_NAMES, SIGNED_OPS, SubPolicy
+from harness.datasets.augment import (
+    AUGMENTS,
+    CIFAR10_POLICY,
+    MAGNITUDES,
+    OP_NAMES,
+    SIGNED_OPS,
+    SubPolicy,
+)
 
 FILL = 128.0  # fill colour (128, 128, 128) of the geometric ops (autoaugment.py)
 Tensor = torch.Tensor
@@ -324,8 +332,8 @@ class BatchedAugment:
     """The official CIFAR training augmentation for a batch (or a whole epoch) at once, per-sample randomness.
 
     augment='autoaugment': crop(pad) + flip + CIFAR10Policy + Cutout(cutout) + Normalize (cifarTrain.py
-    'advanced_train'); 'basic': crop + flip + Normalize; 'none': Normalize. All randomness comes from `generator`,
-    which must live on the images' device.
+    'advanced_train'); 'basic': crop + flip + Normalize; 'none': Normalize; 'sim': PaCo's SimCLR-style key view
+    (`sim_view`) + Normalize. All randomness comes from `generator`, which must live on the images' device.
     """
 
     def __init__(
@@ -346,7 +354,12 @@ class BatchedAugment:
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"expected uint8 (N, C, H, W) images, got {images.dtype} {tuple(images.shape)}")
         n, _, h, w = images.shape
-        x = images if self.augment == "none" else crop_flip(images, generator, self.pad)
+        if self.augment == "sim":
+            from harness.datasets.batched_sim import sim_view  # it builds on this module's ops
+
+            x = sim_view(images, generator)
+        else:
+            x = images if self.augment == "none" else crop_flip(images, generator, self.pad)
         x = x.float()
         if self.augment == "autoaugment":
             x = autoaugment(x, generator, record)

@@ -43,6 +43,7 @@ class DataConfig:
 class OptimConfig:
     lr: float = 0.05  # the official CLI lr; the `code` schedule warms up from it to each stage's peak
     momentum: float = 0.9
+    nesterov: bool = False  # Nesterov momentum in every stage's SGD (RIDE's and TLC's own recipes)
     weight_decay: float = 5e-4
     batch_size: int = 128
     schedule: str = "code"  # code: official warm-up + cosine per stage; paper: cosine from lr to 0, restarted

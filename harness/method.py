@@ -119,11 +119,15 @@ class View:
     """One more view in every training batch of a stage. `sampler` None: the batch's own images augmented again,
     with independent per-image randomness (two-view contrastive methods: PaCo, BCL); a sampler name
     (`harness.samplers`): an independent draw of images from that sampler (BBN's reversed branch).
+    `augment` None: the view is augmented as view 0, with the run's `data.augment`; a name: with that augmentation
+    pipeline of the dataset (PaCo's and BCL's contrastive views: "sim"). The feeder builds each distinct pipeline
+    once; a name the dataset does not know is refused in one line.
 
     With V = 1 + len(stage.views) the model receives the views stacked view-major, (V*B, C, H, W) = [view 0; view 1;
     ...], and every loss term the labels stacked the same way, (V*B,). In evaluation the model sees plain batches."""
 
     sampler: str | None = None
+    augment: str | None = None
 
 
 @dataclass(frozen=True)

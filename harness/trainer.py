@@ -26,6 +26,7 @@ from harness.checkpoint import load_checkpoint, save_checkpoint
 from harness.config import RunConfig, plan_epochs
 from harness.distributed import LOCAL, Local
 from harness.errors import HarnessError
+from harness.feeders import ViewFeed, prepare_views
 from harness.hooks import Hook
 from harness.method import MethodSpec, Stage
 from harness.samplers import make_draw, make_view_draw
@@ -75,7 +76,7 @@ def enter_stage(spec: MethodSpec, stage: Stage, cfg: RunConfig) -> torch.optim.O
     o = cfg.optim
     weight_decay = o.weight_decay if stage.weight_decay is None else stage.weight_decay
     fused = trainable[0].device.type == "cuda"  # one optimizer kernel per step on CUDA; foreach on CPU
-    return torch.optim.SGD(trainable, lr=o.lr, momentum=o.momentum, weight_decay=weight_decay,
+    return torch.optim.SGD(trainable, lr=o.lr, momentum=o.momentum, weight_decay=weight_decay, nesterov=o.nesterov,
                            fused=fused or None, foreach=None if fused else True)
 
 
@@ -127,6 +128,8 @@ class Trainer:
         self.checkpoint_interval = cfg.train.checkpoint_interval or (10 if device.type == "cuda" else 1)
         self.stop_reason: str | None = None
         self.images_trained = 0  # by this process (a resumed run counts only what it trained)
+        # every view augmentation the stages name, checked (and built once) before any training
+        prepare_views(feeder, [view.augment for stage in spec.stages for view in stage.views])
 
     def request_stop(self, reason: str) -> None:
         """Stop after the current epoch (its checkpoint and hooks still run)."""
@@ -198,7 +201,7 @@ class Trainer:
         seed = derive_seed(self.cfg.train.seed, run.index, epoch)
         torch.manual_seed(seed)  # what the step draws (mixup, noisy losses) replays on resume, as the feeder does
         draw = make_draw(run.stage.sampler, epoch, run.epochs)
-        views = [make_view_draw(view.sampler, epoch, run.epochs) for view in run.stage.views]
+        views = [ViewFeed(make_view_draw(view.sampler, epoch, run.epochs), view.augment) for view in run.stage.views]
         batches = self.feeder.epoch(seed, draw, views) if views else self.feeder.epoch(seed, draw)
         for images, labels in batches:
             self.step(run.index, optimizer, images, labels, sums)

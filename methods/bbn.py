@@ -9,19 +9,22 @@ image, [f_c ; f_r] (alpha = 1/2).
 recipe "shike": SHIKE's 200 epochs and schedule. "own" (`configs/cifar100.yaml`): 200 epochs, batch 128, lr 0.1,
 weight decay 2e-4, 5 warm-up epochs, x0.01 at epoch 120 and again at 160 (lr 1e-3, then 1e-5), crop + flip,
 zero-padding shortcuts (`resnet_cifar.py` BasicBlock's default option "A"), no pre-training. The shipped config is
-IF 50 (`RATIO: 0.02`); the harness runs whatever `--if` says.
+IF 50 (`RATIO: 0.02`); the harness runs whatever `--if` says. On the torchvision backbones the network is
+`bbn_resnet.TorchvisionBBN` (BBN's `bbn_res50`; its iNat 2018 config: batch 128, lr 0.05, wd 1e-4, 180 epochs, x0.1
+at 120 and 160, from scratch; not an `own` recipe here, the large-scale presets give SHIKE's schedule).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-from harness.method import LossTerm, LossTermModule, MethodSpec, ModelOutput, Stage, View, own_recipe
+from harness.method import LossTerm, LossTermModule, LTModel, MethodSpec, ModelOutput, Stage, View, own_recipe
 from harness.methods.losses_moe import bbn_alpha, bbn_mixed_loss
-from harness.methods.models.bbn_resnet import BBNResNet
-from harness.methods.models.moe import require_cifar_backbone
+from harness.methods.models.bbn_resnet import BBNResNet, TorchvisionBBN
+from harness.methods.models.resnet_tv import TV_BACKBONES
+from harness.methods.models.tv_experts import network_for, refuse_torchvision_switches
 from harness.methods.recipes import SHIKE_SINGLE, pick
 from harness.registry import METHODS
 
@@ -55,16 +58,40 @@ class BBNLoss(LossTermModule):
         return bbn_mixed_loss(out.logits, conventional, rebalancing, self.alpha.to(out.logits.dtype))
 
 
+def _cifar_network(*, num_classes: int, depth: int, shortcut: str, round_divisor: bool, backbone: str,
+                   pretrained: str, freeze: str) -> BBNResNet:
+    """BBN-ResNet-32 (`bbn_resnet.BBNResNet`): layer3's last block duplicated into the two branches."""
+    refuse_torchvision_switches(pretrained, freeze)
+    return BBNResNet(num_classes=num_classes, shortcut=shortcut, depth=depth, round_divisor=round_divisor)
+
+
+def _torchvision_network(*, num_classes: int, round_divisor: bool, backbone: str, pretrained: str, freeze: str,
+                         **cifar_only: object) -> TorchvisionBBN:
+    """BBN's `bbn_res50` on the torchvision backbone (`bbn_resnet.TorchvisionBBN`): layer4's last bottleneck
+    duplicated into the two branches; `depth` and `shortcut` are CIFAR knobs and do not apply."""
+    return TorchvisionBBN(backbone=backbone, num_classes=num_classes, round_divisor=round_divisor,
+                          pretrained=pretrained or None, freeze=freeze)
+
+
+# backbone name -> BBN's network on it
+NETWORKS: dict[str, Callable[..., LTModel]] = {"resnet32": _cifar_network,
+                                               **dict.fromkeys(TV_BACKBONES, _torchvision_network)}
+
+
 @METHODS.register("bbn")
 @own_recipe(optim__batch_size=128, optim__weight_decay=2e-4, optim__lr=0.1, data__augment="basic",
             method__shortcut="A")
 def bbn(*, num_classes: int, class_counts: Sequence[int], recipe: str = "shike", depth: int = 32,
-        shortcut: str = "B", round_divisor: bool = True, backbone: str = "resnet32") -> MethodSpec:
+        shortcut: str = "B", round_divisor: bool = True, backbone: str = "resnet32", pretrained: str = "",
+        freeze: str = "none") -> MethodSpec:
     """BBN: BBN-ResNet (`depth` 32: layer3 = 4 blocks + the two branch blocks), the reversed sampler as a second view
     of every batch, cumulative learning alpha = 1 - (epoch / T)^2 in both the model and the loss. `round_divisor`:
-    T is the stage length, but 90 and 180 round up to 100 and 200 as the official `Combiner` does."""
-    require_cifar_backbone("bbn", backbone)
-    model = BBNResNet(num_classes=num_classes, shortcut=shortcut, depth=depth, round_divisor=round_divisor)
+    T is the stage length, but 90 and 180 round up to 100 and 200 as the official `Combiner` does.
+    backbone: "resnet32" (CIFAR) or resnet50 / resnext50_32x4d / resnet152 (`NETWORKS`: BBN-ResNet-50, the iNat
+    model, from scratch by default); pretrained and freeze apply to the torchvision ones."""
+    model = network_for("bbn", NETWORKS, backbone)(
+        num_classes=num_classes, depth=depth, shortcut=shortcut, round_divisor=round_divisor, backbone=backbone,
+        pretrained=pretrained, freeze=freeze)
     term = LossTerm("bbn", 1.0, BBNLoss(round_divisor=round_divisor))
     stage = Stage("end-to-end", (term,), views=(View(sampler="reversed"),), **pick(recipe, SHIKE_SINGLE, BBN_OWN))
     return MethodSpec(model, (stage,))

@@ -4,11 +4,19 @@ CE(z + log pi, y), i.e. balanced softmax) plus the balanced contrastive loss (`h
 Eq. 5-8: class-averaging and class-complement prototypes from an MLP on the classifier weights), L = ce_weight * CE
 + scl_weight * BCL (`main.py`: `loss = args.alpha * ce_loss + args.beta * scl_loss`). Model: `BCLModel`.
 
-Views: the official code draws three (view 0, RandAugment, to the classifier; views 1-2, SimCLR-style "sim", to the
-contrastive branch). `num_views=2` (default, the harness contract's two views): view 0 feeds the CE and both views
-the contrastive branch; `num_views=3`: the official split. Every view is augmented with `data.augment` (no per-view
-transforms in the harness). Inference: the classifier's raw logits, uncompensated (official `validate` takes
-`self.fc(feat)`; compensating again at test would correct the prior twice).
+Views: the official code draws three (`main.py`: view 0, RandAugment (`--randaug`), to the classifier; views 1-2,
+SimCLR-style "sim" (`--cl_views sim-sim`), to the contrastive branch; the CE is on view 0 only). `num_views=3`
+(default): that split; `num_views=2`: view 0 feeds the CE and both views the contrastive branch. `views`: "official"
+(default): every view after view 0 takes the "sim" pipeline (`harness.datasets.augment.sim_transform`; on CIFAR,
+PaCo's CIFAR "sim", as BCL has no CIFAR code), view 0 the run's `data.augment`; "same": every view `data.augment`
+(the harness before per-view augmentation; with `num_views=2` the previous default). Inference: the classifier's raw
+logits, uncompensated (official `validate` takes `self.fc(feat)`; compensating again at test would correct the prior
+twice).
+
+Backbones: resnet32 (CIFAR) or a torchvision resnet50 / resnext50_32x4d / resnet152 (`pretrained`, `freeze` as for
+every `build_expert_resnet` network). MLP sizes (`hidden_dim`, `projection_dim`; 0 = the backbone's, `MLP_DIMS`):
+64 -> 512 -> 128 on CIFAR (BCL#7), feature width -> feature width -> 1024 on the torchvision ones (`models/resnext.py:
+BCLModel`, head and head_fc `Linear(dim_in, dim_in) ... Linear(dim_in, feat_dim)`, `main.py --feat_dim 1024`).
 
 Defaults (CIFAR-100-LT; BCL has no official CIFAR code, BCL#4/#7/#13): T 0.07 (`main.py --temp`), MLPs 64 -> 512 ->
 128 (BCL#7), ce_weight 2.0 and scl_weight 0.6 (the CIFAR values of BCL's derivatives: Ton-lee/ConCutMix's
@@ -28,16 +36,27 @@ import torch
 import torch.nn.functional as F
 
 from harness.errors import HarnessError
-from harness.method import LossTerm, LossTermModule, MethodSpec, ModelOutput, Stage, View, own_recipe
+from harness.method import LossTerm, LossTermModule, MethodSpec, ModelOutput, Stage, own_recipe
 from harness.methods.losses_lt import _counts64
 from harness.methods.losses_moe import bcl_loss
-from harness.methods.models.contrastive import BCLModel, ContrastiveOutput
-from harness.methods.models.moe import require_cifar_backbone
+from harness.methods.models.contrastive import BCLModel, ContrastiveOutput, NetworkSpec, contrastive_view
 from harness.methods.recipes import SHIKE_SINGLE, pick
 from harness.registry import METHODS
 
 BCL_OWN = {"epochs": 200, "peak_lr": 0.15, "schedule": "code", "warmup_epochs": 5}
 VIEW_CHOICES = (2, 3)
+# backbone -> (hidden, output) of the projection and prototype MLPs; hidden None = the feature width.
+MLP_DIMS: dict[str, tuple[int | None, int]] = {"resnet32": (512, 128)}
+TORCHVISION_MLP_DIMS: tuple[int | None, int] = (None, 1024)
+
+
+def mlp_dims_for(backbone: str, hidden_dim: int, projection_dim: int) -> tuple[int | None, int]:
+    """(hidden, output) of BCL's MLPs: the switches, or with 0 the backbone's own (`MLP_DIMS`)."""
+    if hidden_dim < 0 or projection_dim < 0:
+        raise HarnessError(f"method.hidden_dim and method.projection_dim must be >= 0 (0: the backbone's own), got "
+                           f"{hidden_dim} and {projection_dim}")
+    hidden, output = MLP_DIMS.get(backbone, TORCHVISION_MLP_DIMS)
+    return hidden_dim or hidden, projection_dim or output
 
 
 class CompensatedCE(LossTermModule):
@@ -80,20 +99,25 @@ class BalancedContrast(LossTermModule):
 @own_recipe(optim__batch_size=256, optim__weight_decay=5e-4, optim__lr=0.15, data__augment="autoaugment",
             method__shortcut="A")
 def bcl(*, num_classes: int, class_counts: Sequence[int], recipe: str = "shike", ce_weight: float = 2.0,
-        scl_weight: float = 0.6, temperature: float = 0.07, hidden_dim: int = 512, projection_dim: int = 128,
-        num_views: int = 2, head: str = "cosine", scale: float = 30.0, shortcut: str = "B",
-        depth: int = 32, backbone: str = "resnet32") -> MethodSpec:
+        scl_weight: float = 0.6, temperature: float = 0.07, hidden_dim: int = 0, projection_dim: int = 0,
+        num_views: int = 3, views: str = "official", head: str = "cosine", scale: float = 30.0, shortcut: str = "B",
+        depth: int = 32, backbone: str = "resnet32", pretrained: str = "", freeze: str = "none") -> MethodSpec:
     """BCL: `ce_weight` * logit-compensated CE on view 0 + `scl_weight` * balanced contrastive loss (T =
-    `temperature`) on the projections (64 -> `hidden_dim` -> `projection_dim`) and the class prototypes; `head`
-    "cosine" (official, s = `scale`) or "linear". One stage on `num_views` views (2 or 3); the projection and
-    prototype MLPs (group "contrastive") train with the backbone."""
-    require_cifar_backbone("bcl", backbone)
+    `temperature`) on the projections (feature -> `hidden_dim` -> `projection_dim`; 0: the backbone's, 512 / 128 on
+    resnet32, 2048 / 1024 on ResNet-50) and the class prototypes; `head` "cosine" (official, s = `scale`) or
+    "linear". One stage on `num_views` views (3: official; or 2), views after the first augmented per `views`
+    ("official": "sim"; "same": data.augment); the projection and prototype MLPs (group "contrastive") train with
+    the backbone. backbone, pretrained, freeze: the network's (`build_expert_resnet`; pretrained "" = random
+    init)."""
     if num_views not in VIEW_CHOICES:
         raise HarnessError(f"method.num_views must be 2 or 3 (3: the official split), got {num_views}")
-    model = BCLModel(num_classes=num_classes, views=num_views, head=head, scale=scale, shortcut=shortcut,
-                     depth=depth, hidden_dim=hidden_dim, projection_dim=projection_dim)
+    extra = contrastive_view(views)
+    hidden, output = mlp_dims_for(backbone, hidden_dim, projection_dim)
+    net = NetworkSpec(shortcut=shortcut, depth=depth, backbone=backbone, pretrained=pretrained or None, freeze=freeze)
+    model = BCLModel(num_classes=num_classes, views=num_views, head=head, scale=scale, net=net, hidden_dim=hidden,
+                     projection_dim=output)
     terms = (LossTerm("ce", ce_weight, CompensatedCE(class_counts, num_views)),
              LossTerm("bcl", scl_weight, BalancedContrast(num_views, temperature)))
     stage = Stage("end-to-end", terms, trainable=("backbone", "head", "contrastive"),
-                  views=(View(),) * (num_views - 1), **pick(recipe, SHIKE_SINGLE, BCL_OWN))
+                  views=(extra,) * (num_views - 1), **pick(recipe, SHIKE_SINGLE, BCL_OWN))
     return MethodSpec(model, (stage,))

@@ -6,44 +6,62 @@ contrasts against the C centres (the linear classifier on q's pooled feature, pl
 the queue, positives the own centre (weight 1) and same-class samples (weight alpha = 0.01), T = 0.05. Inference:
 the query network's linear classifier, no prior (official `_inference`).
 
+Views (`views`): "official" (default): the query view (view 0) takes the run's `data.augment` (the own recipe:
+AutoAugment + Cutout, `augmentation_regular`), the key view PaCo's SimCLR-style "sim" view (`augmentation_sim_cifar`,
+`harness.datasets.augment.sim_transform`); "same": both views with `data.augment` (the harness before per-view
+augmentation).
+
+Backbones: resnet32 (CIFAR) or a torchvision resnet50 / resnext50_32x4d / resnet152 (`pretrained`, `freeze` as for
+every `build_expert_resnet` network). The projection is feature width -> feature width -> `projection_dim`; 0 picks
+the backbone's official size (`PROJECTION_DIMS`): 32 on CIFAR (`sh/CIFAR100_train_imb0.01.sh --moco-dim 32`), 128 on
+the torchvision ones (`sh/ImageNetLT_train_R50.sh` passes no `--moco-dim`, so `paco_lt.py`'s default 128): 64 -> 64
+-> 32 and 2048 -> 2048 -> 128.
+
 recipe "shike": SHIKE's 200 epochs and schedule. "own" (`sh/CIFAR100_train_imb0.01.sh`, `paco_cifar.py`): 400
 epochs, batch 128, lr 0.05, weight decay 5e-4, linear warm-up over 10 epochs, x0.1 after epoch 320 and x0.01 after
 360 (0-based `epoch > 320`: from epoch 321 of 400, and 361), zero-padding shortcuts, AutoAugment + Cutout.
-Simplified: the official key view is SimCLR-style (RandomResizedCrop, colour jitter, grayscale, blur) while the
-harness augments every view with `data.augment`; the official warm-up reaches 1.1x the peak at epoch 10
-(`lr / 10 * (epoch + 1)` for epoch <= 10), here the peak; the official drops the last partial batch.
+Simplified: the official warm-up reaches 1.1x the peak at epoch 10 (`lr / 10 * (epoch + 1)` for epoch <= 10), here
+the peak; the official drops the last partial batch.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 
 from harness.errors import HarnessError
-from harness.method import LossTerm, LossTermModule, MethodSpec, ModelOutput, Stage, View, own_recipe
+from harness.method import LossTerm, LossTermModule, MethodSpec, ModelOutput, Stage, own_recipe
 from harness.methods.losses_lt import _counts64
 from harness.methods.losses_moe import paco_loss
-from harness.methods.models.contrastive import ContrastiveOutput, LabelledQueue, PaCoModel
-from harness.methods.models.moe import require_cifar_backbone
+from harness.methods.models.contrastive import (
+    ContrastiveOutput,
+    LabelledQueue,
+    NetworkSpec,
+    PaCoModel,
+    contrastive_view,
+    queue_length,
+)
 from harness.methods.recipes import SHIKE_SINGLE, pick
 from harness.registry import METHODS
+
+__all__ = ["PaCoTerm", "paco", "projection_dim_for", "queue_length"]
 
 # paco_cifar.py `adjust_learning_rate`: x0.1 for epoch > 320, x0.01 for epoch > 360 (0-based, of 400).
 PACO_STEPS = ((321 / 400, 0.1), (361 / 400, 0.01))
 PACO_OWN = {"epochs": 400, "peak_lr": 0.05, "schedule": "step", "warmup_epochs": 10, "lr_steps": PACO_STEPS}
 
 
-def queue_length(queue_size: int, queue_share: float, train_images: int) -> int:
-    """K = min(queue_size, max(1, floor(queue_share * N))): the official 1024 keys are 9.4 % of CIFAR-100-LT's
-    10,847 images (IF 100), and a queue longer than the data it summarises would hold its random initial keys (with
-    random labels) for many epochs on a tiny set. The default share 0.1 keeps 1024 on every CIFAR-LT of IF <= 100
-    (10 % of 10,847 = 1,084) and gives Fashion-MNIST-LT IF 100 (1,236 images) 123 keys."""
-    if queue_share <= 0:
-        raise HarnessError(f"method.queue_share must be > 0 (the queue's largest share of the training set), "
-                           f"got {queue_share}")
-    return max(1, min(queue_size, math.floor(queue_share * train_images)))
+# backbone -> PaCo's projection output (`--moco-dim`); torchvision backbones: TORCHVISION_PROJECTION_DIM.
+PROJECTION_DIMS = {"resnet32": 32}
+TORCHVISION_PROJECTION_DIM = 128
+
+
+def projection_dim_for(backbone: str, projection_dim: int) -> int:
+    """`projection_dim`, or with 0 the backbone's official size (`PROJECTION_DIMS`)."""
+    if projection_dim < 0:
+        raise HarnessError(f"method.projection_dim must be >= 0 (0: the backbone's own), got {projection_dim}")
+    return projection_dim or PROJECTION_DIMS.get(backbone, TORCHVISION_PROJECTION_DIM)
 
 
 class PaCoTerm(LossTermModule):
@@ -79,17 +97,22 @@ class PaCoTerm(LossTermModule):
 @own_recipe(optim__batch_size=128, optim__weight_decay=5e-4, optim__lr=0.05, data__augment="autoaugment",
             method__shortcut="A")
 def paco(*, num_classes: int, class_counts: Sequence[int], recipe: str = "shike", paco_alpha: float = 0.01,
-         temperature: float = 0.05, queue_size: int = 1024, queue_share: float = 0.1, projection_dim: int = 32,
-         momentum: float = 0.999, shortcut: str = "B", depth: int = 32, backbone: str = "resnet32") -> MethodSpec:
+         temperature: float = 0.05, queue_size: int = 1024, queue_share: float = 0.1, projection_dim: int = 0,
+         momentum: float = 0.999, views: str = "official", shortcut: str = "B", depth: int = 32,
+         backbone: str = "resnet32", pretrained: str = "", freeze: str = "none") -> MethodSpec:
     """PaCo on CIFAR-100-LT's official settings: alpha 0.01 (`paco_alpha`: the weight of same-class samples;
     beta = gamma = 1 as always), T 0.05 (`--moco-t`), queue 1024 (`--moco-k`, capped at `queue_share` of the
-    training set: see `queue_length`), projection 64 -> 64 -> 32 (`--mlp`, `--moco-dim 32`), momentum 0.999.
-    One stage on two views of each image; the projection (group "contrastive") trains with the backbone."""
-    require_cifar_backbone("paco", backbone)
+    training set: see `queue_length`), projection feature -> feature -> `projection_dim` (0: 32 on resnet32, 128 on
+    torchvision backbones), momentum 0.999. One stage on two views of each image (`views`: "official" = key view
+    "sim", "same" = both with data.augment); the projection (group "contrastive") trains with the backbone.
+    backbone, pretrained, freeze: the network's (`build_expert_resnet`; pretrained "" = random init)."""
+    net = NetworkSpec(shortcut=shortcut, depth=depth, backbone=backbone, pretrained=pretrained or None, freeze=freeze)
+    key_view = contrastive_view(views)
     queue = queue_length(queue_size, queue_share, int(sum(class_counts)))
-    model = PaCoModel(num_classes=num_classes, shortcut=shortcut, depth=depth, projection_dim=projection_dim,
+    model = PaCoModel(num_classes=num_classes, net=net, projection_dim=projection_dim_for(backbone, projection_dim),
                       queue_size=queue, momentum=momentum)
     term = PaCoTerm(class_counts, model.queue, alpha=paco_alpha, temperature=temperature)
     stage = Stage("end-to-end", (LossTerm("paco", 1.0, term),), trainable=("backbone", "head", "contrastive"),
-                  views=(View(),), **pick(recipe, SHIKE_SINGLE, PACO_OWN))
+                  views=(key_view,),
+                  **pick(recipe, SHIKE_SINGLE, PACO_OWN))
     return MethodSpec(model, (stage,))

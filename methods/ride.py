@@ -2,7 +2,12 @@
 frank-xwang/RIDE-LongTailRecognition): K experts sharing stem + layer1, each with its own narrowed layer2/layer3
 (24/48 channels) and cosine head (s 30), trained with the distribution-aware diversity loss (LDAM-DRW per expert
 plus a negative-weighted KL to the detached ensemble; `harness.methods.losses_moe.RIDELoss`); inference is the
-mean of the expert logits. Model: `harness.methods.models.ride_resnet.RideResNet`.
+mean of the expert logits. Model: `harness.methods.models.ride_resnet.RideResNet`; on the torchvision backbones
+(ImageNet-LT, iNat 2018, Places-LT), `tv_experts.TorchvisionRide`, the official `RIDEResNet.py` / `RIDEResNeXt.py`:
+stem + layer1 + layer2 shared, each expert its own layer3 + layer4 (192 / 384 planes with reduce_dimension: 768 /
+1,536 channels) and cosine head. The ImageNet configs' own recipe (100 epochs, steps at 60 / 80, DRW and the
+temperature from epoch 80 with reweight factor 0.02, batch 256, lr 0.1, wd 2e-4) is not an `own` recipe here: "own"
+is the CIFAR one, and the large-scale presets give SHIKE's schedule.
 
 Optional parts, both off by default:
 - router (expert assignment, "EA"): a second stage that trains only the router (BCE, pos_weight 100) with the
@@ -24,18 +29,25 @@ is not. The router stage is RIDE's own in both recipes (SHIKE has none).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from harness.errors import HarnessError
-from harness.method import LossTerm, LossTermModule, MethodSpec, ModelOutput, Stage, own_recipe
+from harness.method import LossTerm, LossTermModule, LTModel, MethodSpec, ModelOutput, Stage, own_recipe
 from harness.methods.losses import softmax_kl
 from harness.methods.losses_moe import RIDELoss
-from harness.methods.models.moe import require_cifar_backbone
+from harness.methods.models.resnet_tv import TV_BACKBONES
 from harness.methods.models.ride_resnet import FULL_WIDTHS, RIDE_WIDTHS, ExpertRouter, RideResNet
+from harness.methods.models.tv_experts import (
+    FULL_TV_PLANES,
+    RIDE_TV_PLANES,
+    TorchvisionRide,
+    network_for,
+    refuse_torchvision_switches,
+)
 from harness.methods.recipes import LDAM, SHIKE_SINGLE, cosine, pick
 from harness.registry import METHODS
 
@@ -95,19 +107,15 @@ def _teacher_shape(state: dict[str, torch.Tensor]) -> dict[str, object]:
             "num_classes": state["heads.0.weight"].shape[1]}
 
 
-def load_teacher(path: str, num_classes: int, scale: float) -> RideResNet:
-    """A frozen RIDE teacher from a saved `RideResNet` state dict (a RIDE run's final_weights.pt), its experts,
-    widths, depth and shortcut read off the keys; the router, if any, is dropped (the teacher's output is its mean)."""
+def _teacher_from(path: str, num_classes: int, make: Callable[[dict[str, torch.Tensor]], LTModel]) -> LTModel:
+    """`make(state)` on the state dict saved at `path` (a RIDE run's final_weights.pt), loaded without the router
+    (the teacher's output is its mean); any mismatch is one line."""
     file = Path(path).expanduser()
     if not file.is_file():
         raise HarnessError(f"method.teacher: no file at {file}; give a RIDE run's final_weights.pt")
     state = torch.load(file, map_location="cpu", weights_only=True)
     try:
-        shape = _teacher_shape(state)
-        if shape["shared"] != 1 or shape["num_classes"] != num_classes:
-            raise ValueError
-        teacher = RideResNet(num_classes=num_classes, experts=shape["experts"], widths=shape["widths"], shared=1,
-                             depth=shape["depth"], shortcut=shape["shortcut"], scale=scale)
+        teacher = make(state)
         teacher.load_state_dict({k: v for k, v in state.items() if not k.startswith("router.")})
     except (KeyError, ValueError, RuntimeError, TypeError):
         raise HarnessError(f"method.teacher: {file} is not a RIDE model state dict for {num_classes} classes "
@@ -115,29 +123,91 @@ def load_teacher(path: str, num_classes: int, scale: float) -> RideResNet:
     return teacher
 
 
+def load_teacher(path: str, num_classes: int, scale: float) -> RideResNet:
+    """A frozen RIDE teacher from a saved `RideResNet` state dict (a RIDE run's final_weights.pt), its experts,
+    widths, depth and shortcut read off the keys; the router, if any, is dropped (the teacher's output is its mean)."""
+
+    def make(state: dict[str, torch.Tensor]) -> RideResNet:
+        shape = _teacher_shape(state)
+        if shape["shared"] != 1 or shape["num_classes"] != num_classes:
+            raise ValueError
+        return RideResNet(num_classes=num_classes, experts=shape["experts"], widths=shape["widths"], shared=1,
+                          depth=shape["depth"], shortcut=shape["shortcut"], scale=scale)
+
+    return _teacher_from(path, num_classes, make)  # type: ignore[return-value]
+
+
+def load_tv_teacher(path: str, backbone: str, num_classes: int, scale: float) -> TorchvisionRide:
+    """A frozen RIDE teacher on torchvision `backbone` (the student's) from a saved `TorchvisionRide` state dict:
+    its experts and the planes of its layer3 / layer4 (192 / 384 or 256 / 512) read off the keys (the official
+    teacher has 6 experts at the student's width, `config_imagenet_lt_resnet50_distill_ride.json`)."""
+
+    def make(state: dict[str, torch.Tensor]) -> TorchvisionRide:
+        experts = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("expert_stages."))
+        planes = tuple(state[f"expert_stages.0.{i}.0.conv3.weight"].shape[0] // 4 for i in (0, 1))
+        if state["heads.0.weight"].shape[1] != num_classes:
+            raise ValueError
+        return TorchvisionRide(backbone=backbone, num_classes=num_classes, experts=experts, shared=2, planes=planes,
+                               scale=scale)
+
+    return _teacher_from(path, num_classes, make)  # type: ignore[return-value]
+
+
+def _cifar_network(*, num_classes: int, experts: int, reduce_dimension: bool, scale: float, router: bool,
+                   router_top: int, teacher: str, depth: int, shortcut: str, backbone: str, pretrained: str,
+                   freeze: str) -> RideResNet:
+    """RIDE's CIFAR ResNet-32 (`ride_resnet.RideResNet`): stem + layer1 shared, per-expert layer2/3 at 24/48."""
+    refuse_torchvision_switches(pretrained, freeze)
+    widths = RIDE_WIDTHS if reduce_dimension else FULL_WIDTHS
+    assign = ExpertRouter(experts, widths[2], num_classes, top_choices=router_top) if router else None
+    frozen = load_teacher(teacher, num_classes, scale) if teacher else None
+    return RideResNet(num_classes=num_classes, experts=experts, widths=widths, shared=1, depth=depth,
+                      shortcut=shortcut, scale=scale, router=assign, teacher=frozen)
+
+
+def _torchvision_network(*, num_classes: int, experts: int, reduce_dimension: bool, scale: float, router: bool,
+                         router_top: int, teacher: str, backbone: str, pretrained: str, freeze: str,
+                         **cifar_only: object) -> TorchvisionRide:
+    """RIDE's ImageNet network (`tv_experts.TorchvisionRide`): stem + layer1 + layer2 shared, per-expert layer3/4
+    at 192/384 planes (256/512 without reduce_dimension); `depth` and `shortcut` are CIFAR knobs and do not apply."""
+    planes = RIDE_TV_PLANES if reduce_dimension else FULL_TV_PLANES
+    feature_dim = planes[-1] * 4  # the bottleneck's expansion
+    assign = ExpertRouter(experts, feature_dim, num_classes, top_choices=router_top) if router else None
+    frozen = load_tv_teacher(teacher, backbone, num_classes, scale) if teacher else None
+    return TorchvisionRide(backbone=backbone, num_classes=num_classes, experts=experts, shared=2, planes=planes,
+                           scale=scale, pretrained=pretrained or None, freeze=freeze, router=assign, teacher=frozen)
+
+
+# backbone name -> RIDE's network on it
+NETWORKS: dict[str, Callable[..., LTModel]] = {"resnet32": _cifar_network,
+                                               **dict.fromkeys(TV_BACKBONES, _torchvision_network)}
+
+
 @METHODS.register("ride")
 @own_recipe(optim__batch_size=128, optim__weight_decay=5e-4, optim__lr=0.1, data__augment="basic",
-            method__shortcut="A")
+            method__shortcut="A", optim__nesterov=True)
 def ride(*, num_classes: int, class_counts: Sequence[int], recipe: str = "shike", experts: int = 3,
          reduce_dimension: bool = True, diversity_factor: float = -0.45, diversity_temperature: float = 1.0,
          max_margin: float = 0.5, scale: float = 30.0, drw: bool = True, drw_beta: float = 0.9999,
          reweight_factor: float = 0.05, router: bool = False, router_top: int = 30, router_pos_weight: float = 100.0,
          teacher: str = "", distill_temperature: float = 1.5, shortcut: str = "B", depth: int = 32,
-         backbone: str = "resnet32") -> MethodSpec:
+         backbone: str = "resnet32", pretrained: str = "", freeze: str = "none") -> MethodSpec:
     """RIDE with `experts` experts (3: "RIDE (3E)"), widths 24/48 (`reduce_dimension`; False: 32/64). Loss per
     expert (Eq. 4-5 on LDAM-DRW): LDAM (max margin 0.5, s 30) with CB(0.9999) DRW weights from 80 % of the stage
     (epoch 160 of 200) + diversity_factor * Tbar^2 * KL(ensemble || expert), -0.45 as the current CIFAR config
     (-0.2 at older commits), per-class temperature (reweight factor 0.05) from the DRW epoch.
     router: add the expert-assignment stage (top `router_top` logits, BCE pos_weight `router_pos_weight`).
-    teacher: "" (none) or the path of a saved RIDE state dict to distil from at `distill_temperature`."""
-    require_cifar_backbone("ride", backbone)
+    teacher: "" (none) or the path of a saved RIDE state dict to distil from at `distill_temperature`.
+    backbone: "resnet32" (CIFAR) or resnet50 / resnext50_32x4d / resnet152 (`NETWORKS`; ImageNet-LT and iNat:
+    192/384-plane experts with reduce_dimension, the official EA config takes router_top 50); pretrained ("" or a
+    torchvision state-dict path or "torchvision") and freeze ("none" | "trunk") apply to the torchvision ones."""
     if router and experts < 2:
         raise HarnessError(f"method.router needs method.experts >= 2 (got {experts}): it decides whether to add one")
-    widths = RIDE_WIDTHS if reduce_dimension else FULL_WIDTHS
-    assign = ExpertRouter(experts, widths[2], num_classes, top_choices=router_top) if router else None
-    frozen = load_teacher(teacher, num_classes, scale) if teacher else None
-    model = RideResNet(num_classes=num_classes, experts=experts, widths=widths, shared=1, depth=depth,
-                       shortcut=shortcut, scale=scale, router=assign, teacher=frozen)
+    model = network_for("ride", NETWORKS, backbone)(
+        num_classes=num_classes, experts=experts, reduce_dimension=reduce_dimension, scale=scale, router=router,
+        router_top=router_top, teacher=teacher, depth=depth, shortcut=shortcut, backbone=backbone,
+        pretrained=pretrained, freeze=freeze)
+    frozen = model.teacher
     loss = RIDELoss(class_counts, max_margin=max_margin, scale=scale, drw_beta=drw_beta,
                     drw_start=0.8 if drw else None, diversity_factor=diversity_factor,
                     diversity_temperature=diversity_temperature, reweight_factor=reweight_factor)
@@ -149,7 +219,7 @@ def ride(*, num_classes: int, class_counts: Sequence[int], recipe: str = "shike"
         terms.append(LossTerm("distill", weight, DistillKL(distill_temperature)))
         own["warmup_epochs"] = DISTILL_WARMUP
     stages = [Stage("representation", tuple(terms), **pick(recipe, SHIKE_SINGLE, own))]
-    if assign is not None:
+    if model.router is not None:
         stages.append(Stage("router", (LossTerm("router", 1.0, RouterBCE(router_pos_weight)),), trainable=("router",),
                             sampler="class-balanced", freeze_bn=True, **ROUTER_STAGE))
     return MethodSpec(model, tuple(stages))

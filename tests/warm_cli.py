@@ -132,9 +132,10 @@ class WarmProcess:
 def popen(argv: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: str | os.PathLike | None = None,
           stdin: Any = subprocess.DEVNULL, stdout: Any = None, stderr: Any = None,
           start_new_session: bool = False) -> WarmProcess:
-    """Start `python -m harness.cli *argv`; streams as in Popen (None, PIPE, DEVNULL, a file or a descriptor; pipes
-    are text)."""
-    streams = [_stream(stdin, 0, "r"), _stream(stdout, 1, "w"), _stream(stderr, 2, "w")]
+    """Start `python -m harness.cli *argv`; streams as in Popen (None, PIPE, DEVNULL, a file or a descriptor, and
+    stderr=STDOUT; pipes are text)."""
+    streams = [_stream(stdin, 0, "r"), _stream(stdout, 1, "w")]
+    streams.append((streams[1][0], None, False) if stderr == subprocess.STDOUT else _stream(stderr, 2, "w"))
     request = {"argv": [str(a) for a in argv], "env": dict(os.environ if env is None else env),
                "cwd": str(cwd or os.getcwd()), "new_session": start_new_session}
     connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -292,12 +292,3 @@ BACKBONES: dict[str, Callable[..., LTModel]] = {
     "resnet32": _cifar_experts,
     **dict.fromkeys(TV_BACKBONES, _torchvision_experts),
 }
-
-
-def require_cifar_backbone(method: str, backbone: str) -> None:
-    """For builders whose network exists on the CIFAR ResNet only: a torchvision backbone asked for (by
-    `--set method.backbone=...` or a large-scale preset) is refused in one line, never silently replaced."""
-    if backbone != "resnet32":
-        known = ", ".join(BACKBONES)
-        raise HarnessError(f"{method} has a CIFAR ResNet model only so far; backbone '{backbone}' (of {known}) is not "
-                           f"built for it: use method.backbone=resnet32")

@@ -7,6 +7,9 @@ of the later stages, each ending in its own cosine head (s * cos, no bias).
 - TLC (Li et al., CVPR 2022; `model/ResnetCifar.py: ResNet_s`): only the stem shared; each expert owns a full
   16/32/64 layer1..layer3. Inference fuses the experts with weights from their evidential uncertainty.
 
+The router / teacher (`RideRouting`) and TLC's fusion (`TLCFusion`) are mixins over the network, so the torchvision
+versions (`tv_experts.TorchvisionRide`, `TorchvisionTLC`) reuse them with the same forward contract.
+
 Both official files use zero-padding (option A) shortcuts that pad (planes - in_planes) // 2 channels on each side,
 which also covers RIDE's 16 -> 24 and 24 -> 48 widenings (the harness's `PadShortcut` assumes a doubling).
 """
@@ -136,9 +139,10 @@ class ExpertRouter(nn.Module):
         return self.decide(torch.cat([top, hidden], dim=1)).squeeze(1)
 
 
-class RideResNet(MultiExpertResNet):
-    """RIDE: stem + layer1 shared, per-expert layer2/layer3 (24/48 with reduce_dimension), cosine heads s = 30,
-    output the mean of the expert logits.
+class RideRouting:
+    """RIDE's expert router and teacher on top of any multi-expert network with `experts_forward(x)` -> (features
+    (K, B, D), logits (K, B, C)) and `num_experts` (the CIFAR `MultiExpertResNet` here, the torchvision one in
+    `tv_experts.py`); list it before that network's class.
 
     With a `router`: in training the output carries `router_logits` (K-1, B), computed on the running means of the
     first k+1 experts; at inference each sample adds experts in order while the router says sigmoid > 0.5 (official
@@ -153,6 +157,8 @@ class RideResNet(MultiExpertResNet):
     """
 
     experts_used: torch.Tensor
+    num_experts: int
+    router: ExpertRouter | None
 
     def __init__(self, *, router: ExpertRouter | None = None, teacher: nn.Module | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -225,6 +231,11 @@ class RideResNet(MultiExpertResNet):
         return out
 
 
+class RideResNet(RideRouting, MultiExpertResNet):
+    """RIDE: stem + layer1 shared, per-expert layer2/layer3 (24/48 with reduce_dimension), cosine heads s = 30,
+    output the mean of the expert logits; router and teacher as `RideRouting`."""
+
+
 def fuse_over_experts(weights: torch.Tensor, eta: float) -> torch.Tensor:
     """softmax_k(w_k / eta) per sample: the paper's fusion weights (TLC Eq. 9; baselines.md section 17)."""
     return (weights / eta).softmax(dim=0)
@@ -240,10 +251,10 @@ TLC_FUSIONS: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {"paper"
                                                                          "code": fuse_over_batch}
 
 
-class TLCResNet(MultiExpertResNet):
-    """TLC: only the stem shared, each expert a full 16/32/64 ResNet trunk with a cosine head (s = 30). The output,
-    in training (the diversity target of TLC's loss) and at inference alike, is sum_k a_k * z_k with a = `fusion`
-    of the engagement weights w (`tlc_engagement`: w_0 = 1, w_{k+1} = w_k u_k / (1 - c_k), detached), eta 0.2."""
+class TLCFusion:
+    """TLC's output rule on top of any multi-expert network (list it before that network's class): in training (the
+    diversity target of TLC's loss) and at inference alike, sum_k a_k * z_k with a = `fusion` of the engagement
+    weights w (`tlc_engagement`: w_0 = 1, w_{k+1} = w_k u_k / (1 - c_k), detached), eta 0.2."""
 
     def __init__(self, *, eta: float = 0.2, fusion: str = "paper", **kwargs) -> None:
         if fusion not in TLC_FUSIONS:
@@ -259,3 +270,8 @@ class TLCResNet(MultiExpertResNet):
         # rounds to 0 (w -> inf, the fusion NaN); the exact w is always in [0, 1].
         weights = TLC_FUSIONS[self.fusion](tlc_engagement(expert_logits.double()), self.eta)
         return (weights.to(expert_logits.dtype)[..., None] * expert_logits).sum(dim=0)
+
+
+class TLCResNet(TLCFusion, MultiExpertResNet):
+    """TLC: only the stem shared, each expert a full 16/32/64 ResNet trunk with a cosine head (s = 30); output as
+    `TLCFusion`."""

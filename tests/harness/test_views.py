@@ -13,14 +13,16 @@ from torch import nn
 
 from harness.config import resolve_config
 from harness.data import Split
-from harness.datasets.augment import batched_pipeline, per_image_pipeline
+from harness.datasets.augment import SMALL_IMAGE_AUGMENTATIONS, batched_pipeline, per_image_pipeline
 from harness.errors import HarnessError
-from harness.feeders import DeviceFeeder, ReferenceFeeder
+from harness.feeders import DeviceFeeder, ReferenceFeeder, ViewFeed, make_feeder, prepare_views
 from harness.method import LossTerm, LossTermModule, LTModel, MethodSpec, ModelOutput, Stage, View
 from harness.samplers import class_probabilities, make_view_draw
 from harness.trainer import Trainer
 
 CPU = torch.device("cpu")
+
+
 def feeders(split: Split, augment: str, batch: int = 32) -> dict[str, object]:
     return {"reference": ReferenceFeeder(split, per_image_pipeline(augment, MEAN, STD), batch, CPU),
             "device": DeviceFeeder(split, batched_pipeline(augment, MEAN, STD), batch, CPU)}
@@ -93,6 +95,91 @@ def test_a_sampler_view_draws_its_own_images(path):
                           torch.tensor([1, 2, 4, 8], dtype=torch.float64) / 15)
 
 
+# ------------------------------------------------------------------------------- per-view augmentation (View.augment)
+
+
+def named_feeders(split: Split, augment: str, batch: int = 32, builds: list | None = None) -> dict[str, object]:
+    """Both feeders with per-view pipelines; `builds` records every pipeline name built after construction."""
+    def counted(factory):
+        def build(name: str):
+            if builds is not None:
+                builds.append(name)
+            return factory(name, MEAN, STD)
+        return build
+
+    return {"reference": ReferenceFeeder(split, per_image_pipeline(augment, MEAN, STD), batch, CPU,
+                                         pipelines=counted(per_image_pipeline), augment=augment),
+            "device": DeviceFeeder(split, batched_pipeline(augment, MEAN, STD), batch, CPU,
+                                   pipelines=counted(batched_pipeline), augment_name=augment)}
+
+
+def grey_fraction(images: torch.Tensor) -> float:
+    """The share of images whose three channels are equal after un-normalising (random colour images never are)."""
+    pixels = ((images * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)) * 255).round()
+    return ((pixels[:, 0] == pixels[:, 1]) & (pixels[:, 1] == pixels[:, 2])).flatten(1).all(dim=1).float().mean().item()
+
+
+@pytest.mark.parametrize("path", ["reference", "device"])
+def test_a_bare_view_is_a_view_with_the_runs_augmentation(path):
+    paths = [named_feeders(identifiable_split(), "basic")[path] for _ in range(2)]
+    old = torch.cat([images for images, _ in paths[0].epoch(4, None, [None])])
+    new = torch.cat([images for images, _ in paths[1].epoch(4, None, [ViewFeed(None, None)])])
+    assert torch.equal(old, new)  # the same random stream: a run without named views trains as before
+
+
+@pytest.mark.parametrize("path", ["reference", "device"])
+def test_a_view_with_its_own_augmentation_gets_it_and_view_0_keeps_the_runs(path):
+    """Run augment "none", view 1 "sim": view 0 is the raw images exactly; view 1 differs from it image by image
+    and is grey in about SIM_GRAY_P = 20 % of the images (128: 3.4 binomial standard errors above 0.08)."""
+    split = identifiable_split(n=128)
+    images, labels = next(iter(named_feeders(split, "none", batch=128)[path].epoch(2, None, [ViewFeed(None, "sim")])))
+    first, second = images[:128], images[128:]
+    ids = image_ids(first)
+    assert sorted(ids.tolist()) == list(range(128)) and torch.equal(labels[:128], labels[128:])
+    assert torch.allclose(first, (split.images[ids].float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1))
+                          / torch.tensor(STD).view(1, 3, 1, 1), atol=1e-6)
+    assert ((first - second).abs().flatten(1).amax(dim=1) > 0).all()
+    assert grey_fraction(first) == 0.0 and grey_fraction(second) > 0.08
+
+
+@pytest.mark.parametrize("path", ["reference", "device"])
+def test_a_sim_view_differs_from_basic_views(path):
+    """Run augment "basic", views [the run's, "sim"]: the two basic views are never grey, the sim view is."""
+    split = identifiable_split(n=128)
+    feeder = named_feeders(split, "basic", batch=128)[path]
+    images, _ = next(iter(feeder.epoch(3, None, [None, ViewFeed(None, "sim")])))
+    view0, view1, view2 = images[:128], images[128:256], images[256:]
+    assert grey_fraction(view0) == grey_fraction(view1) == 0.0 and grey_fraction(view2) > 0.08
+
+
+@pytest.mark.parametrize("path", ["reference", "device"])
+def test_each_distinct_view_pipeline_is_built_once(path):
+    builds: list[str] = []
+    feeder = named_feeders(identifiable_split(), "basic", builds=builds)[path]
+    views = [ViewFeed(None, "sim"), ViewFeed(None, "sim"), ViewFeed(None, "basic"), None]
+    for seed in range(2):
+        assert sum(1 for _ in feeder.epoch(seed, None, views)) == 3
+    assert builds == ["sim"]  # "basic" is the run's own pipeline, None too
+
+
+@pytest.mark.parametrize("fast_path", ["off", "on"])
+def test_an_unknown_view_augmentation_is_refused_in_one_line_before_any_batch(fast_path):
+    feeder = make_feeder(identifiable_split(), SMALL_IMAGE_AUGMENTATIONS, "basic", MEAN, STD, 32, CPU, fast_path)
+    with pytest.raises(HarnessError, match="unknown view augmentation 'nope'.*sim") as error:
+        prepare_views(feeder, [None, "sim", "nope"])
+    assert "\n" not in str(error.value)
+    with pytest.raises(HarnessError, match="unknown view augmentation 'nope'"):
+        next(iter(feeder.epoch(0, None, [ViewFeed(None, "nope")])))
+    prepare_views(feeder, [None, "sim", "basic"])  # known names pass
+
+
+def test_a_feeder_without_view_pipelines_refuses_a_named_view_in_one_line():
+    feeder = feeders(identifiable_split(), "basic")["reference"]
+    with pytest.raises(HarnessError, match="augmentation 'sim'") as error:
+        next(iter(feeder.epoch(0, None, [ViewFeed(None, "sim")])))
+    assert "\n" not in str(error.value)
+
+
 # ----------------------------------------------------------------------------------------------- the trainer
 
 
@@ -149,6 +236,22 @@ def test_the_trainer_feeds_every_view_and_counts_images_once():
     assert model.batches == term.targets == [64, 64, 22] * 3
     assert trainer.images_trained == 3 * 75
     assert model.epochs == [(0, 3), (1, 3), (2, 3)] and int(model.epoch_seen) == 2
+
+
+def test_the_trainer_hands_each_view_its_augmentation():
+    seen: list = []
+
+    class Recording(ReferenceFeeder):
+        def epoch(self, seed, draw=None, views=()):
+            seen.append(list(views))
+            return super().epoch(seed, draw, views)
+
+    cfg = resolve_config("ce", epochs="1", overrides={"optim.batch_size": 32})
+    stage = Stage("views", (LossTerm("ce", 1.0, ViewCE()),), epochs=1, views=(View(augment="sim"),))
+    feeder = Recording(identifiable_split(), per_image_pipeline("basic", MEAN, STD), 32, CPU,
+                       pipelines=lambda name: per_image_pipeline(name, MEAN, STD), augment="basic")
+    Trainer(MethodSpec(TwoViewModel(), (stage,)), cfg, feeder, CPU).fit()
+    assert [[getattr(v, "augment", None) for v in views] for views in seen] == [["sim"]]
 
 
 def test_views_with_mixup_are_refused():

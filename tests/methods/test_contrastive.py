@@ -196,9 +196,12 @@ def toy_split(n: int = 48) -> Split:
 
 
 def feeder(path: str):
+    """Both feeders with per-view pipelines, so the methods' "sim" views get theirs."""
     if path == "reference":
-        return ReferenceFeeder(toy_split(), per_image_pipeline("basic", MEAN, STD), 16, CPU)
-    return DeviceFeeder(toy_split(), batched_pipeline("basic", MEAN, STD), 16, CPU)
+        return ReferenceFeeder(toy_split(), per_image_pipeline("basic", MEAN, STD), 16, CPU,
+                               pipelines=lambda name: per_image_pipeline(name, MEAN, STD), augment="basic")
+    return DeviceFeeder(toy_split(), batched_pipeline("basic", MEAN, STD), 16, CPU,
+                        pipelines=lambda name: batched_pipeline(name, MEAN, STD), augment_name="basic")
 
 
 class Spy(Hook):
@@ -298,7 +301,7 @@ def test_recipes():
     assert [round(f * 400) for f, _ in own.lr_steps] == [321, 361] and [v for _, v in own.lr_steps] == [0.1, 0.01]
     bcl = build("bcl", recipe="own").stages[0]
     assert (bcl.epochs, bcl.peak_lr, bcl.schedule, bcl.warmup_epochs) == (200, 0.15, "code", 5)
-    assert len(build("bcl", num_views=3).stages[0].views) == 2
+    assert len(build("bcl").stages[0].views) == 2 and len(build("bcl", num_views=2).stages[0].views) == 1
     with pytest.raises(HarnessError, match="num_views"):
         build("bcl", num_views=4)
     cfg = resolve_config("paco", preset="own")

@@ -97,7 +97,8 @@ def train_and_evaluate(method: str, seed: int,
                         for s in stage_overrides(spec.stages, cfg.stage_args))
     device = torch.device("cpu")
     train = synthetic_split(COUNTS, seed=100 + seed)
-    feeder = ReferenceFeeder(train, per_image_pipeline(cfg.data.augment, MEAN, STD), BATCH, device)
+    feeder = ReferenceFeeder(train, per_image_pipeline(cfg.data.augment, MEAN, STD), BATCH, device,
+                             pipelines=lambda name: per_image_pipeline(name, MEAN, STD), augment=cfg.data.augment)
     Trainer(spec, cfg, wrap(feeder), device).fit()
     posthoc_train = wrap.split(train) if hasattr(wrap, "split") else train
     predictor = fit_posthoc(spec.model, spec.posthoc, posthoc_train, MEAN, STD, device)  # tau-norm, NCM, LA

@@ -339,8 +339,24 @@ def test_reslt_group_cuts_scale_with_the_class_count():
         with pytest.raises(HarnessError, match="group_cuts"):
             reslt_group_cuts(10, bad)
     assert build("reslt", 10, group_cuts="2,4").stages[0].losses[0].fn.cuts == (2, 4)
-    with pytest.raises(HarnessError, match="sorted by decreasing"):
-        METHODS.get("reslt")(num_classes=3, class_counts=(5, 9, 1))
+
+
+def test_reslt_groups_rank_unsorted_classes_by_count_as_the_official_imagenet_loader():
+    """Counts not sorted by id (ImageNet-LT's list labels): the groups are cuts in the count ranking, so the loss
+    equals `reslt_loss` on the problem relabelled by rank (columns and labels permuted alike); sorted counts are
+    left alone (no buffer, the CIFAR loss as it was)."""
+    counts = (5, 9, 1, 7)  # ranked by decreasing count: classes 1, 3, 0, 2
+    term = METHODS.get("reslt")(num_classes=4, class_counts=counts, group_cuts="1,3").stages[0].losses[0].fn
+    torch.manual_seed(0)
+    z, y = torch.randn(3, 6, 4), torch.tensor([0, 1, 2, 3, 2, 0])
+    relabel = torch.tensor([2, 0, 3, 1])  # class -> rank
+    expected = reslt_loss(z[..., [1, 3, 0, 2]], relabel[y], beta=0.995, group_cuts=(1, 3))
+    torch.testing.assert_close(term(ModelOutput(z.sum(0), z, None), y), expected)
+    assert "rank" in dict(term.named_buffers())
+    plain = METHODS.get("reslt")(num_classes=4, class_counts=(9, 7, 5, 1), group_cuts="1,3").stages[0].losses[0].fn
+    assert not dict(plain.named_buffers())
+    torch.testing.assert_close(plain(ModelOutput(z.sum(0), z, None), y),
+                               reslt_loss(z, y, beta=0.995, group_cuts=(1, 3)))
 
 
 def test_reslt_branches_share_one_head_and_sum():

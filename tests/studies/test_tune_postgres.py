@@ -13,12 +13,12 @@ import pwd
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import warm_cli
 
 from harness.cli import main
 from harness.studies.tune import PARENT_ATTR, open_existing
@@ -100,12 +100,12 @@ def no_global_tracking_uri() -> Iterator[None]:
 def test_two_invocations_share_a_postgres_study(postgres_url, harness_home, capsys):
     env = {**os.environ, "HARNESS_HOME": str(harness_home)}
     env.pop("MLFLOW_TRACKING_URI", None)
-    command = [sys.executable, "-m", "harness.cli", "tune", *CLI, "--storage", postgres_url, "--study", "pg"]
-    # Two "machines" at once: one with two worker processes adding 2 trials, one adding 1.
-    first = subprocess.Popen([*command, "--trials", "2", "--workers", "2"], env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
-    second = subprocess.Popen([*command, "--trials", "1"], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+    command = ["tune", *CLI, "--storage", postgres_url, "--study", "pg"]
+    # Two "machines" at once: one with two worker processes adding 2 trials, one adding 1 (forked warm processes,
+    # tests/warm_cli.py; the workers are spawned interpreters as for a user).
+    first = warm_cli.popen([*command, "--trials", "2", "--workers", "2"], env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT)
+    second = warm_cli.popen([*command, "--trials", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     outputs = [proc.communicate(timeout=900)[0] for proc in (first, second)]
     assert [first.returncode, second.returncode] == [0, 0], "\n".join(outputs)
     study = open_existing("pg", postgres_url)
@@ -119,5 +119,5 @@ def test_two_invocations_share_a_postgres_study(postgres_url, harness_home, caps
     children = tracker.search(["tune-pg"], f"tags.mlflow.parentRunId = '{parent}'")
     assert sorted(children["tags.trial_number"].astype(int)) == list(range(3)), "\n".join(outputs)
     # Rerunning resumes the shared study: 3 + 1 (in-process: the processes above were the concurrency).
-    assert main(command[3:] + ["--trials", "1"]) == 0, capsys.readouterr().err
+    assert main([*command, "--trials", "1"]) == 0, capsys.readouterr().err
     assert len(open_existing("pg", postgres_url).trials) == 4, capsys.readouterr().out
