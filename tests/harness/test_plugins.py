@@ -1,9 +1,11 @@
 """A third party adds a method, a dataset and a table without editing the project (issue 9, item 5).
 
 The slow tests install the throwaway package in tests/plugin_pkg/ into a temporary folder (entry points only, no
-edit here) and drive the real `harness` command through it in fresh interpreters: `list`, `describe`,
-`run method`, `run ablation --workers 2` (spawned worker processes must find the plugin on their own) and
-`report`; then the same with a plain module named by `--plugin`. The fast tests pin the registry's rules for
+edit here) and drive the `harness` command through it: `list` with the installed console script in a fresh
+interpreter (what a user types), then `describe`, `run method`, `run ablation --workers 2` (spawned worker processes,
+fresh interpreters, must find the plugin on their own) and `report` as processes forked from the warm CLI server
+(tests/warm_cli.py: the same `python -m harness.cli`, without ~12 s of imports each; the server has imported no
+plugin and looked up no entry point); then the same with a plain module named by `--plugin`. The fast tests pin the registry's rules for
 entry points and HARNESS_PLUGINS in-process, with fake entry points.
 """
 
@@ -20,6 +22,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import warm_cli
+from warm_cli import WarmProcess
 
 from harness.plugins import ENV_VAR
 from harness.registry import Registry
@@ -42,19 +46,25 @@ def cli_env(path: list[Path], home: Path) -> dict[str, str]:
     return env
 
 
-def start(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([*harness_command(), *args], env=env, cwd=cwd, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+def start(args: list[str], env: dict[str, str], cwd: Path, fresh: bool = False) -> subprocess.Popen | WarmProcess:
+    """`harness ARGS` (cwd outside the repo): forked from the warm server, or with `fresh` the console script in a
+    new interpreter."""
+    if fresh:
+        return subprocess.Popen([*harness_command(), *args], env=env, cwd=cwd, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = warm_cli.popen(args, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.args = args  # type: ignore[attr-defined]  # for the failure message, as Popen has
+    return process
 
 
-def finish(process: subprocess.Popen, expect: int = 0) -> str:
+def finish(process: subprocess.Popen | WarmProcess, expect: int = 0) -> str:
     out, err = process.communicate(timeout=600)
     assert process.returncode == expect, f"{process.args}\nstdout:\n{out}\nstderr:\n{err}"
     return out if expect == 0 else err
 
 
 def harness(args: list[str], env: dict[str, str], cwd: Path, expect: int = 0) -> str:
-    """One `harness ...` in a fresh interpreter (cwd outside the repo); stdout, or stderr when it must fail."""
+    """One `harness ...`; stdout, or stderr when it must fail."""
     return finish(start(args, env, cwd), expect)
 
 
@@ -77,7 +87,7 @@ def installed_plugin(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_an_installed_plugin_package_works_through_every_command(installed_plugin, tmp_path):
     env, cwd = cli_env([installed_plugin], tmp_path / "runs"), tmp_path
-    listings = [start(["list", what], env, cwd) for what in ("methods", "datasets", "tables")]
+    listings = [start(["list", what], env, cwd, fresh=what == "methods") for what in ("methods", "datasets", "tables")]
     describe = start(["describe", "toy", "--dataset", "toyset", "--if", "10", "--set", "method.hidden=8", "--json"],
                      env, cwd)
     methods, datasets, tables = (finish(p) for p in listings)
