@@ -17,6 +17,17 @@ semantics (large-scale-lt.md section 2.2):
 Every draw uses torch's global RNG (timm uses `random`): the file feeder seeds it per sample, so an epoch replays.
 `basic` is crop + flip; `colorjitter` adds ColorJitter(0.4, 0.4, 0.4, 0), the OLTR/SADE Places-LT view (SHIKE names
 RandAugment for ImageNet-LT and iNat only); `none` is the test transform.
+
+`sim` is the second ("key") view of PaCo's and NCL's `randcls_sim` on ImageNet-LT and iNat, and both views of their
+Places-LT `sim_sim` (large-scale-lt.md section 2.2: "the 'sim' view (RRC, ColorJitter, grayscale 0.2, blur 0.5)";
+baselines.md section 19: PaCo's key view, section 20: BCL's contrastive views): `augmentation_sim` of PaCo's
+`LT/paco_lt.py` (dvlab-research/Parametric-Contrastive-Learning 8665ff7), the same list in NCL's
+`lib/dataset/others.py: aug_plus` (Bazinga699/NCL 21091e4):
+RandomResizedCrop(224) (torchvision's default scale 0.08-1, ratio 3/4-4/3) -> ColorJitter(0.4, 0.4, 0.4, 0.0) with
+p = 1.0 -> RandomGrayscale(0.2) -> GaussianBlur(sigma ~ U(0.1, 2.0)) with p = 0.5 -> horizontal flip -> ToTensor ->
+Normalize. This is not the CIFAR "sim" (`harness.datasets.augment.sim_transform`: MoCo v2's scale 0.2-1,
+ColorJitter(0.4, 0.4, 0.4, 0.1) with p = 0.8, flip second): the ImageNet lists keep hue at 0 and apply the jitter
+always, and flip last. The blur is MoCo's (PIL radius = sigma), shared with the CIFAR view.
 """
 
 from __future__ import annotations
@@ -27,6 +38,8 @@ from collections.abc import Callable
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 from torchvision import transforms
+
+from harness.datasets.augment import GaussianBlur
 
 MAX_LEVEL = 10.0
 RA_OPS_PER_IMAGE = 2  # rand-n2
@@ -135,12 +148,31 @@ def _jitter() -> transforms.ColorJitter:
     return transforms.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.0)
 
 
+# PaCo's / NCL's ImageNet `augmentation_sim` (module docstring): RandomApply([ColorJitter(0.4, 0.4, 0.4, 0.0)],
+# p=1.0), RandomGrayscale(p=0.2), RandomApply([GaussianBlur([.1, 2.])], p=0.5)
+LARGE_SIM_GRAY_P = 0.2
+LARGE_SIM_BLUR_SIGMA = (0.1, 2.0)
+LARGE_SIM_BLUR_P = 0.5
+
+
+def sim_view(crop: int, mean, std) -> transforms.Compose:
+    """The "sim" view of the 224-px LT datasets (module docstring), torch's global RNG throughout, so the file
+    feeder's per-sample seed replays it. The jitter is applied always (p = 1.0 in the official lists: no RandomApply
+    needed), with hue 0."""
+    return transforms.Compose([
+        transforms.RandomResizedCrop(crop, scale=(0.08, 1.0)), _jitter(),
+        transforms.RandomGrayscale(p=LARGE_SIM_GRAY_P),
+        transforms.RandomApply([GaussianBlur(LARGE_SIM_BLUR_SIGMA)], p=LARGE_SIM_BLUR_P),
+        transforms.RandomHorizontalFlip(), *_finish(mean, std)])
+
+
 # augment name -> (crop, mean, std) -> training transform
 LARGE_AUGMENTS: dict[str, Callable[[int, tuple, tuple], transforms.Compose]] = {
     "randaugment": lambda crop, mean, std: transforms.Compose(
         [*_crop_flip(crop), _jitter(), NCLRandAugment(), *_finish(mean, std)]),
     "colorjitter": lambda crop, mean, std: transforms.Compose([*_crop_flip(crop), _jitter(), *_finish(mean, std)]),
     "basic": lambda crop, mean, std: transforms.Compose([*_crop_flip(crop), *_finish(mean, std)]),
+    "sim": sim_view,
     "none": lambda crop, mean, std: transforms.Compose(
         [transforms.Resize(round(crop * 256 / 224)), transforms.CenterCrop(crop), *_finish(mean, std)]),
 }

@@ -10,6 +10,11 @@ Only augmentations DALI reproduces exactly are offered (`basic`: crop + flip); N
 equivalent (DALI's `auto_aug.rand_augment` is the paper's version, large-scale-lt.md section 2.2), so
 `data.loader=auto` falls back to torchvision for it and `data.loader=dali` refuses it.
 
+One view per batch: multi-view stages (BBN's reversed view, PaCo's and BCL's "sim" views) are fed by the torchvision
+path (`harness.file_feeder.FileFeeder`). `harness.file_feeder.training_loader` makes `data.loader=auto` pick it for
+such runs and refuses `data.loader=dali` for them before training (`DALI_VIEWS`); the feeder itself refuses views
+with the same line, should anyone hand it some.
+
 Not exercised by the test suite (it needs CUDA and DALI); `harness bench data` times it where both exist.
 """
 
@@ -17,7 +22,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,6 +33,8 @@ from harness.errors import HarnessError
 from harness.samplers import Draw
 
 DALI_THREADS = 4  # CPU threads of the pipeline (file reads and the host part of decoding)
+DALI_VIEWS = ("data.loader=dali feeds one view per batch; this method's stages have extra views (bbn, paco, bcl, ncl "
+              "contrastive): use data.loader=torchvision (data.loader=auto picks it for them)")
 
 
 def dali_installed() -> bool:
@@ -98,12 +105,18 @@ class DaliFeeder:
     def __len__(self) -> int:
         return -(-len(self.split) // self.batch_size)
 
+    def prepare_views(self, augments: Iterable[str | None]) -> None:
+        """Views of any kind are refused before training (`DALI_VIEWS`)."""
+        if list(augments):
+            raise HarnessError(DALI_VIEWS)
+
     def epoch(self, seed: int, draw: Draw | None = None, views: Sequence[Any] = ()) -> Iterator[tuple]:
+        if views:  # before DALI's import: the line says what to do wherever this runs
+            raise HarnessError(DALI_VIEWS)
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-        from harness.file_feeder import epoch_plan, refuse_views
+        from harness.file_feeder import epoch_plan
 
-        refuse_views(views)
         order, _ = epoch_plan(self.split.labels, seed, draw)
         source = EpochSource(self.split, order, self.batch_size)
         device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()

@@ -229,8 +229,8 @@ def make_feeder(split: Split | FileSplit, augmentations: Augmentations, augment:
 
 def prepare_views(feeder: Any, augments: Iterable[str | None]) -> None:
     """Check every view augmentation a run's stages name (`harness.method.View.augment`) against its feeder before
-    training: each pipeline is built once here and reused by every epoch. A feeder without per-view pipelines (the
-    file-backed ones refuse multi-view batches anyway) is left alone; a wrapper (DDP's sharded feeder) is seen
+    training: each pipeline is built once here and reused by every epoch. A feeder without `prepare_views` is left
+    alone (DaliFeeder's refuses any view); a wrapper (DDP's sharded feeder) is seen
     through."""
     names = [name for name in augments if name is not None]
     inner = feeder if hasattr(feeder, "prepare_views") else getattr(feeder, "feeder", None)

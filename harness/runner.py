@@ -30,7 +30,7 @@ from harness.distributed import LOCAL, Local, replicas, world_size
 from harness.errors import HarnessError
 from harness.evaluate import Evaluator
 from harness.feeders import make_feeder
-from harness.file_feeder import file_loading, with_crop
+from harness.file_feeder import file_loading, training_loader, with_crop
 from harness.hooks import Hook
 from harness.method import MethodSpec
 from harness.naming import checkpoint_dir
@@ -369,5 +369,6 @@ class Run:
         augmentations = DATASETS.get(self.cfg.data.dataset).augmentations
         if augmentations is None:
             raise HarnessError(f"dataset '{self.cfg.data.dataset}' declares no training augmentations")
+        loader = training_loader(file_loading(self.cfg.data).loader, d.train, self.spec.stages)  # views: no DALI
         return make_feeder(d.train, augmentations, self.cfg.data.augment, d.mean, d.std, self.cfg.optim.batch_size,
-                           self.device, t.fast_path, t.num_workers, loader=file_loading(self.cfg.data).loader)
+                           self.device, t.fast_path, t.num_workers, loader=loader)

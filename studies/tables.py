@@ -88,7 +88,8 @@ CONTRASTIVE = {"paco": "paco", "bcl": "bcl"}
 # The rows of Tables 2 and 3 the harness can train on the torchvision ResNets (`method.backbone`); the others stay
 # "not runnable" there. RIDE (3E) is the 3-expert model without distillation unless `method.teacher` is set (the
 # paper's value is RIDE's model-zoo 4-expert + distillation result).
-LARGE_SCALE = {**BASELINES, "la": "la", "ncl-3n": "ncl", "shike": "shike", "ride": "ride"}
+LARGE_SCALE = {**BASELINES, "la": "la", "ncl-3n": "ncl", "shike": "shike", "ride": "ride", "bbn": "bbn",
+               "paco": "paco", "bcl": "bcl"}
 # The methods' own CIFAR-100-LT numbers where SHIKE quotes another (baselines.md section 0; R = recalled there).
 OWN_CIFAR = {
     "focal": "no CIFAR-LT number in its own paper; LDAM-DRW's re-run gives 38.41 at IF 100",
@@ -181,7 +182,7 @@ TABLE2 = TableSpec(
         *published(HYBRID, T2, (
             ("SSD", "ssd", "2021", None, 56.0, None), ("PaCo", "paco", "2021", 57.0, 58.2, 73.2),
             ("BCL", "bcl", "2022", 56.0, None, 71.8), ("RIDE+BF", "ride-bf", "2022", 55.7, None, 74.1),
-            ("BALMS+BF", "balms-bf", "2022", 51.1, None, None))),
+            ("BALMS+BF", "balms-bf", "2022", 51.1, None, None)), LARGE_SCALE),
         *published(MOE, T2, (
             ("BBN", "bbn", "2020", 48.3, 49.3, 66.3), ("RIDE (3E)", "ride", "2021", 55.4, 56.8, 72.6),
             ("ACE", "ace", "2021", 54.7, 56.6, None), ("NCL (S)", "ncl-s", "2022", 57.4, 58.4, 74.2),
@@ -210,7 +211,7 @@ TABLE3 = TableSpec(
             ("GCL", "gcl", "2022", None, None, None, 40.6)), LARGE_SCALE),
         *published(HYBRID, T3, (
             ("LDAM+RSG", "ldam-rsg", "2021", 41.9, 41.4, 32.0, 39.3),
-            ("PaCo", "paco", "2021", 37.5, 47.2, 33.9, 41.2))),
+            ("PaCo", "paco", "2021", 37.5, 47.2, 33.9, 41.2)), LARGE_SCALE),
         *published(MOE, T3, (
             ("LFME", "lfme", "2020", 39.3, 39.6, 24.2, 36.2), ("NCL (S)", "ncl-s", "2022", None, None, None, 41.5),
             ("NCL (3N)", "ncl-3n", "2022", None, None, None, 41.8),
