@@ -20,7 +20,6 @@ needs the caller's runs folder on a shared filesystem and, for more than one nod
 from __future__ import annotations
 
 import importlib
-import multiprocessing
 import os
 import shutil
 import traceback
@@ -37,6 +36,7 @@ from harness.errors import HarnessError
 from harness.interrupts import Terminated, install_signal_handlers
 from harness.plugins import ENV_VAR as PLUGINS_ENV
 from harness.plugins import load_env_plugins
+from harness.processes import adopt_environment, worker_context
 from harness.progress import NullProgress, relay
 from harness.registry import Registry
 from harness.runner import Run
@@ -200,8 +200,9 @@ def _no_workers(options: DispatchOptions, instead: str) -> None:
 _worker_progress: Any = None  # set in each pool process by `_start_worker`
 
 
-def _start_worker(progress: Any) -> None:
+def _start_worker(progress: Any, env: dict[str, str]) -> None:
     global _worker_progress
+    adopt_environment(env)  # the parent's variables now, not the forkserver's (harness.processes)
     install_signal_handlers()  # SIGTERM unwinds a worker's run as in the main process: checkpoint kept, run KILLED
     load_env_plugins()  # the --plugin modules, before any run starts, as the main process imported them
     _worker_progress = progress
@@ -218,7 +219,8 @@ def _pool_job(job: RunJob, tracking_uri: str, resume: bool, setup: WorkerSetup) 
 
 @DISPATCHERS.register("local")
 class LocalPool:
-    """Runs one after another in this process, or in `workers` spawned processes at once (each with cores / workers
+    """Runs one after another in this process, or in `workers` processes at once (forked from a forkserver that
+    has imported torch once: `harness.processes`) (each with cores / workers
     threads unless --cpus-per-run says): runs of launch-bound small models overlap their host overhead on one GPU; on
     a CPU they share the cores. Each run shows its progress: a bar (worker bars are relayed to this process) or a
     line per epoch. The first failed run stops the others (each stays resumable) and raises."""
@@ -235,9 +237,9 @@ class LocalPool:
                 yield run_one(job, tracking_uri, resume, setup, progress)
             return
         setup = worker_setup(cpus or max(1, (os.cpu_count() or 1) // workers))
-        context = multiprocessing.get_context("spawn")
+        context = worker_context()
         with relay(progress, context) as handle, ProcessPoolExecutor(
-            max_workers=workers, mp_context=context, initializer=_start_worker, initargs=(handle,)
+            max_workers=workers, mp_context=context, initializer=_start_worker, initargs=(handle, dict(os.environ))
         ) as pool:
             futures = [pool.submit(_pool_job, job, tracking_uri, resume, setup) for job in jobs]
             try:

@@ -11,7 +11,6 @@ counter shared by the invocation before it starts a trial.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import shutil
 import socket
@@ -31,6 +30,7 @@ from harness.config import RunConfig, builder_defaults, flatten
 from harness.errors import HarnessError
 from harness.hooks import Hook
 from harness.naming import checkpoint_dir
+from harness.processes import adopt_environment, worker_context
 from harness.progress import make_progress
 from harness.registry import METHODS
 from harness.runner import Run, RunResult, build_data
@@ -301,8 +301,11 @@ def mark_lost(tracker: Tracker, plan: TunePlan, number: int, reason: str) -> Non
         tracker.end(run_id, "KILLED")
 
 
-def worker_main(plan: TunePlan, worker: int, claims: Claims) -> None:
-    """One worker process: take claims and run one trial per claim until the invocation's N are taken."""
+def worker_main(plan: TunePlan, worker: int, claims: Claims, env: dict[str, str] | None = None) -> None:
+    """One worker process: take claims and run one trial per claim until the invocation's N are taken. `env`: the
+    parent's environment, adopted first (a forked worker has its forkserver's: `harness.processes`)."""
+    if env is not None:
+        adopt_environment(env)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // plan.workers))
     quiet_optuna()
     tracker = Tracker(plan.tracking_uri)
@@ -329,14 +332,15 @@ def _announce(worker: int) -> Callable[[optuna.Study, FrozenTrial], None]:
 
 
 def run_workers(plan: TunePlan, tracker: Tracker, study: optuna.Study) -> list[int]:
-    """Run the invocation's trials: in this process for one worker, else K spawned processes. Returns the exit
+    """Run the invocation's trials: in this process for one worker, else K worker processes (`harness.processes`). Returns the exit
     codes; the running trials of a worker that died are marked FAIL at once, so the study stays usable."""
-    ctx = mp.get_context("spawn")
+    ctx = worker_context()
     claims = Claims(plan.n_trials, ctx)
     if plan.workers == 1:
         worker_main(plan, 0, claims)
         return [0]
-    procs = [ctx.Process(target=worker_main, args=(plan, i, claims), name=f"tune-worker-{i}")
+    env = dict(os.environ)
+    procs = [ctx.Process(target=worker_main, args=(plan, i, claims, env), name=f"tune-worker-{i}")
              for i in range(plan.workers)]
     for proc in procs:
         proc.start()
