@@ -4,8 +4,6 @@ two-view forward / backward on ResNet-50, and the `views` switch."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 import torchvision
@@ -60,11 +58,10 @@ def test_two_views_of_two_images_train_a_resnet50_step_on_cpu(name):
     spec = METHODS.get(name)(num_classes=10, class_counts=(5,) * 10, backbone="resnet50", **kwargs)
     model = spec.model.train()
     x, y = torch.randn(4, 3, 64, 64), torch.tensor([1, 3, 1, 3])
-    started = time.perf_counter()
     out = model(x)
     loss = sum(term.weight * term.fn(out, y) for term in spec.stages[0].losses)
     loss.backward()
-    assert torch.isfinite(loss) and time.perf_counter() - started < 5.0
+    assert torch.isfinite(loss)
     trained = [p for g in ("backbone", "head", "contrastive") for p in model.parameter_groups()[g]]
     assert all(p.grad is not None for p in trained if p.requires_grad)
 
