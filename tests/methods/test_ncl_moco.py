@@ -9,22 +9,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from contrastive_support import COUNTS, CPU, Killed, Spy, feeder
 
 from harness.config import resolve_config
-from harness.data import Split
-from harness.datasets.augment import batched_pipeline, per_image_pipeline
 from harness.errors import HarnessError
-from harness.feeders import DeviceFeeder, ReferenceFeeder
-from harness.hooks import Hook
 from harness.method import View
 from harness.methods.losses_contrastive import moco_infonce
 from harness.methods.models.contrastive import KeyQueue
 from harness.registry import METHODS
 from harness.trainer import Trainer
 
-COUNTS = (40, 20, 10, 5)
-CPU = torch.device("cpu")
-MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -126,32 +120,6 @@ def test_groups_inference_count_and_state():
 
 # ---- training runs -----------------------------------------------------------------------------------------------
 
-def toy_split(n: int = 48) -> Split:
-    g = torch.Generator().manual_seed(0)
-    labels = torch.arange(n) % len(COUNTS)
-    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
-    images[:, 0] = (labels * 60).to(torch.uint8)[:, None, None]
-    return Split(images, labels)
-
-
-def feeder(path: str):
-    if path == "reference":
-        return ReferenceFeeder(toy_split(), per_image_pipeline("basic", MEAN, STD), 16, CPU,
-                               pipelines=lambda name: per_image_pipeline(name, MEAN, STD), augment="basic")
-    return DeviceFeeder(toy_split(), batched_pipeline("basic", MEAN, STD), 16, CPU,
-                        pipelines=lambda name: batched_pipeline(name, MEAN, STD), augment_name="basic")
-
-
-class Spy(Hook):
-    def __init__(self, fn) -> None:
-        self.fn = fn
-
-    def after_epoch(self, trainer, epoch, metrics) -> None:
-        self.fn(epoch, metrics)
-
-
-class Killed(Exception):
-    pass
 
 
 def trainer(path: str = "reference", epochs: str = "1", checkpoint=None, hooks=()) -> Trainer:
