@@ -64,7 +64,35 @@ class RoutedOutput(ModelOutput):
     teacher_logits: torch.Tensor | None = None
 
 
-class MultiExpertResNet(LTModel):
+class SharedTrunkExperts:
+    """The forward of a model with a shared trunk (`stem`, `shared_stages`), per-expert `expert_stages` and `heads`:
+    each expert pools its last map and applies its head; the output is `aggregate` (the mean here) of the logits.
+    `trunk(x)` is the shared part's output (a frozen trunk runs it without gradients: `tv_experts.FrozenTrunk`)."""
+
+    stem: nn.Module
+    shared_stages: nn.Module
+    expert_stages: nn.ModuleList
+    heads: nn.ModuleList
+
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shared_stages(self.stem(x))
+
+    def experts_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled features (K, B, D) and logits (K, B, C) of every expert."""
+        shared = self.trunk(x)
+        features = torch.stack([stages(shared).mean(dim=(2, 3)) for stages in self.expert_stages])
+        logits = torch.stack([head(f) for head, f in zip(self.heads, features, strict=True)])
+        return features, logits
+
+    def aggregate(self, expert_logits: torch.Tensor) -> torch.Tensor:
+        return expert_logits.mean(dim=0)
+
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        features, expert_logits = self.experts_forward(x)
+        return ModelOutput(self.aggregate(expert_logits), expert_logits, features)
+
+
+class MultiExpertResNet(SharedTrunkExperts, LTModel):
     """stem -> the first `shared` stages (shared) -> per expert: the remaining stages, average pool, cosine head.
 
     forward(x) -> ModelOutput(logits = `aggregate(expert_logits)` (the mean here), expert_logits (K, B, C),
@@ -104,19 +132,6 @@ class MultiExpertResNet(LTModel):
         backbone = [*self.stem.parameters(), *self.shared_stages.parameters(), *self.expert_stages.parameters()]
         return {"backbone": backbone, "head": list(self.heads.parameters())}
 
-    def experts_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pooled features (K, B, D) and logits (K, B, C) of every expert."""
-        shared = self.shared_stages(self.stem(x))
-        features = torch.stack([stages(shared).mean(dim=(2, 3)) for stages in self.expert_stages])
-        logits = torch.stack([head(f) for head, f in zip(self.heads, features, strict=True)])
-        return features, logits
-
-    def aggregate(self, expert_logits: torch.Tensor) -> torch.Tensor:
-        return expert_logits.mean(dim=0)
-
-    def forward(self, x: torch.Tensor) -> ModelOutput:
-        features, expert_logits = self.experts_forward(x)
-        return ModelOutput(self.aggregate(expert_logits), expert_logits, features)
 
 
 class ExpertRouter(nn.Module):

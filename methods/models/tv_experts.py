@@ -27,10 +27,10 @@ from torch import nn
 from torchvision.models import resnet as tv_resnet
 
 from harness.errors import HarnessError
-from harness.method import LTModel, ModelOutput
+from harness.method import LTModel
 from harness.methods.models.heads import CosineHead
 from harness.methods.models.resnet_tv import FREEZE_MODES, STAGES, TV_BACKBONES, load_pretrained, stage_width
-from harness.methods.models.ride_resnet import RideRouting, TLCFusion
+from harness.methods.models.ride_resnet import RideRouting, SharedTrunkExperts, TLCFusion
 
 # RIDE's `reduce_dimension` on ResNet-50 (`model/fb_resnets/RIDEResNet.py`): layer3 / layer4 planes 192 / 384
 # (768 / 1,536 output channels) instead of torchvision's 256 / 512.
@@ -135,7 +135,7 @@ class FrozenTrunk:
         return {**{name: [p for p in ps if id(p) not in ids] for name, ps in groups.items()}, "trunk": trunk}
 
 
-class TorchvisionMultiExpert(FrozenTrunk, LTModel):
+class TorchvisionMultiExpert(SharedTrunkExperts, FrozenTrunk, LTModel):
     """stem + the first `shared` torchvision stages (the trunk) -> per expert: its own copies of the remaining
     stages at `planes`, global average pooling (the official `AvgPool2d(7)` at 224), a cosine head s * cos.
 
@@ -177,19 +177,8 @@ class TorchvisionMultiExpert(FrozenTrunk, LTModel):
         backbone = [*self.stem.parameters(), *self.shared_stages.parameters(), *self.expert_stages.parameters()]
         return self.with_trunk_group({"backbone": backbone, "head": list(self.heads.parameters())})
 
-    def experts_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pooled features (K, B, D) and logits (K, B, C) of every expert."""
-        shared = self.run_trunk(lambda t: self.shared_stages(self.stem(t)), x)
-        features = torch.stack([stages(shared).mean(dim=(2, 3)) for stages in self.expert_stages])
-        logits = torch.stack([head(f) for head, f in zip(self.heads, features, strict=True)])
-        return features, logits
-
-    def aggregate(self, expert_logits: torch.Tensor) -> torch.Tensor:
-        return expert_logits.mean(dim=0)
-
-    def forward(self, x: torch.Tensor) -> ModelOutput:
-        features, expert_logits = self.experts_forward(x)
-        return ModelOutput(self.aggregate(expert_logits), expert_logits, features)
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run_trunk(lambda t: self.shared_stages(self.stem(t)), x)
 
 
 class TorchvisionRide(RideRouting, TorchvisionMultiExpert):
