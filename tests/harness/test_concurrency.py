@@ -61,6 +61,7 @@ def test_processes_racing_on_a_new_store_lose_nothing(tmp_path, monkeypatch):
         assert [m.step for m in client.get_metric_history(run_id, "loss")] == list(range(STEPS))
 
 
+@pytest.mark.slow  # another process, with its own imports
 def test_creating_an_experiment_another_process_just_created_is_not_an_error(harness_home):
     """The window between "not found" and "create": another process creates the experiment in between."""
     tracker, other = Tracker(), Tracker()

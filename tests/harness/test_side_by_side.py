@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 STAND_IN = {
     "pyproject.toml": '[build-system]\nrequires = ["setuptools>=68"]\nbuild-backend = "setuptools.build_meta"\n\n'
                       '[project]\nname = "datasets"\nversion = "0.0.1"\n\n'
@@ -47,6 +49,7 @@ def install_stand_in(root: Path) -> Path:
     return root / "site"
 
 
+@pytest.mark.slow  # a pip install and a fresh interpreter
 def test_a_package_named_datasets_and_the_harness_import_side_by_side(tmp_path):
     site = install_stand_in(tmp_path)
     elsewhere = tmp_path / "elsewhere"

@@ -15,7 +15,8 @@ from harness.methods.paco import projection_dim_for
 from harness.registry import METHODS
 
 IMAGENET = (20,) * 500 + (5,) * 500  # 1,000 classes
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+# ResNet-50-sized models: seconds each on a CPU, so the whole module is in the slow lane (the fast lane stays < 2 min)
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]
 
 
 def mlp_parameters(width: int, hidden: int, out: int) -> int:

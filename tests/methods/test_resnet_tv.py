@@ -103,6 +103,7 @@ def test_aligner_counts_relu_pattern_and_shapes(design):
 
 # ---- arrangements and DKF -----------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # ten ResNet-50 MoE steps, ~2 s each on a CPU: the slow lane (the fast lane stays < 2 min)
 @pytest.mark.parametrize("arrangement", TABLE5_ARRANGEMENTS)
 def test_table5_arrangement_builds_and_trains(arrangement):
     """The string sets the expert count and each expert's source; forward/backward reach every expert's stage and

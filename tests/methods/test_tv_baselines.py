@@ -21,7 +21,8 @@ from harness.methods.models.ride_resnet import RoutedOutput
 from harness.registry import METHODS
 from harness.trainer import enter_stage
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+# ResNet-50-sized models: seconds each on a CPU, so the whole module is in the slow lane (the fast lane stays < 2 min)
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]
 
 METHOD_NAMES = ("ride", "tlc", "reslt", "bbn")
 CLASSES = 10
