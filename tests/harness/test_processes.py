@@ -8,7 +8,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
-from harness.processes import PRELOAD, adopt_environment, worker_context
+from harness.processes import adopt_environment, worker_context
 
 
 @pytest.mark.slow  # the first pool starts this process's forkserver, which imports torch and MLflow once
@@ -27,6 +27,3 @@ def test_workers_see_the_parents_environment_of_now_not_the_one_the_forkserver_s
     with without:  # the mutation: without adopting, a worker keeps the server's (older) variables
         assert without.submit(os.getenv, "HARNESS_TEST_WORKER_ENV").result(timeout=120) != "third"
 
-
-def test_the_server_preloads_the_costly_imports_and_the_engine():
-    assert {"torch", "mlflow", "harness.runner"} <= set(PRELOAD)
